@@ -1,0 +1,62 @@
+"""lightning_tiercache: fine-tune and evaluate models that do not fit in accelerator memory.
+
+A tiered tensor store (device -> host -> disk) under activation offload, a tiered KV cache and OOM recovery,
+wired into Lightning by :class:`TierCacheCallback`.
+"""
+
+from __future__ import annotations
+
+from lightning_tiercache.config import TierConfig, parse_bytes
+from lightning_tiercache.errors import (
+    BatchSplitError,
+    EntryEvictedError,
+    EntryNotFoundError,
+    OOMRecoveryError,
+    SpillCorruptError,
+    SpillError,
+    SpillMissingError,
+    StoreClosedError,
+    TierCacheError,
+)
+from lightning_tiercache.policy import EvictionPolicy, register_policy
+from lightning_tiercache.store import Handle, Kind, Tier, TierStore
+
+__all__ = [
+    "BatchSplitError",
+    "EntryEvictedError",
+    "EntryNotFoundError",
+    "EvictionPolicy",
+    "Handle",
+    "Kind",
+    "OOMRecoveryError",
+    "SpillCorruptError",
+    "SpillError",
+    "SpillMissingError",
+    "StoreClosedError",
+    "Tier",
+    "TierCacheError",
+    "TierConfig",
+    "TierStore",
+    "parse_bytes",
+    "register_policy",
+]
+
+__version__ = "0.1.0"
+
+# Parts that import optional or heavy packages load on first use.
+_LAZY = {
+    "ActivationOffloader": "lightning_tiercache.activations",
+    "offload_activations": "lightning_tiercache.activations",
+    "no_offload": "lightning_tiercache.activations",
+    "TieredKVCache": "lightning_tiercache.kv",
+    "TierCacheCallback": "lightning_tiercache.callback",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lightning_tiercache' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)

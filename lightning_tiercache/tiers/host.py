@@ -1,0 +1,60 @@
+"""The host tier's memory: on CUDA a pool of pinned buffers, reused by exact or near size."""
+
+from __future__ import annotations
+
+import bisect
+import threading
+
+import torch
+
+__all__ = ["PinnedPool"]
+
+
+class PinnedPool:
+    """Reuses pinned ``uint8`` buffers. A request takes the smallest cached buffer that is at least its size
+    and at most ``slack`` times it; otherwise it allocates exactly what was asked (no power-of-two rounding).
+    Cached (idle) bytes are kept under ``max_idle_bytes``, oldest sizes released first.
+    """
+
+    def __init__(self, max_idle_bytes: int, slack: float = 1.25, pin: bool = True) -> None:
+        self.max_idle_bytes = max_idle_bytes
+        self._slack = slack
+        self._pin = pin
+        self._lock = threading.Lock()
+        self._sizes: list[int] = []  # sorted sizes of idle buffers (with repeats)
+        self._idle: dict[int, list[torch.Tensor]] = {}
+        self.idle_bytes = 0
+        self.allocated = 0
+        self.reused = 0
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        """A buffer of at least ``nbytes`` bytes; slice it to the size you need."""
+        with self._lock:
+            i = bisect.bisect_left(self._sizes, nbytes)
+            if i < len(self._sizes) and self._sizes[i] <= max(nbytes * self._slack, nbytes + 4096):
+                size = self._sizes.pop(i)
+                self.idle_bytes -= size
+                self.reused += 1
+                return self._idle[size].pop()
+            self.allocated += 1
+        return torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=self._pin)
+
+    def give(self, buf: torch.Tensor) -> None:
+        """Return a buffer from :meth:`take`. Callers must have finished every copy that reads it."""
+        size = buf.numel()
+        with self._lock:
+            if size > self.max_idle_bytes:
+                return
+            while self.idle_bytes + size > self.max_idle_bytes and self._sizes:
+                drop = self._sizes.pop(0)
+                self._idle[drop].pop()
+                self.idle_bytes -= drop
+            bisect.insort(self._sizes, size)
+            self._idle.setdefault(size, []).append(buf)
+            self.idle_bytes += size
+
+    def clear(self) -> None:
+        with self._lock:
+            self._sizes.clear()
+            self._idle.clear()
+            self.idle_bytes = 0
