@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import xxhash
@@ -63,6 +64,12 @@ for _code, _name in enumerate(_DTYPE_NAMES, start=1):
 _BYTEPLANE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LITTLE = sys.byteorder == "little"
 _local = threading.local()
+
+
+def _view(t: torch.Tensor) -> memoryview:
+    """A zero-copy byte view of a contiguous CPU uint8 tensor."""
+    arr: Any = t.numpy()
+    return memoryview(arr).cast("B")
 
 
 def dtype_code(dtype: torch.dtype) -> int:
@@ -162,16 +169,16 @@ def encode(tensor: torch.Tensor, codec: str, level: int = 1) -> tuple[list[memor
     """
     raw = as_bytes(tensor)
     if codec == "none" or raw.numel() == 0:
-        return [memoryview(raw.numpy())], 0
+        return [_view(raw)], 0
     if codec == "zstd":
-        return [memoryview(_compressor(level).compress(raw.numpy()))], 0
+        return [memoryview(_compressor(level).compress(_view(raw)))], 0
     if codec == "byteplane" and tensor.dtype in _BYTEPLANE_DTYPES and _LITTLE:
         width = tensor.element_size()
         planes = raw.view(-1, width)
         high = planes[:, width - 1].contiguous()
         low = planes[:, : width - 1].contiguous()
-        comp = _compressor(level).compress(high.numpy())
-        return [memoryview(comp), memoryview(low.numpy()).cast("B")], len(comp)
+        comp = _compressor(level).compress(_view(high))
+        return [memoryview(comp), _view(low)], len(comp)
     if codec == "byteplane":  # other dtypes have no float planes: plain zstd, recorded as such
         raise ValueError("byteplane needs a float16/bfloat16/float32 tensor; use encode(..., 'zstd')")
     raise ValueError(f"unknown codec {codec!r}; one of {', '.join(CODEC_IDS)}")

@@ -157,7 +157,7 @@ class TierStore:
         self._leaving = dict.fromkeys(_TIERS, 0)
         self._peak = dict.fromkeys(_TIERS, 0)
         self._counts: collections.Counter[str] = collections.Counter()
-        self._busy_s: collections.Counter[str] = collections.Counter()
+        self._busy_s: collections.defaultdict[str, float] = collections.defaultdict(float)
         self._waits: collections.deque[float] = collections.deque(maxlen=4096)
         self._events: collections.deque[dict[str, Any]] = collections.deque(maxlen=512)
         self._warned: set[str] = set()
@@ -244,17 +244,23 @@ class TierStore:
                 with self._lock:
                     e = self._entry(handle)
                     leaving = e.move_to is not None and e.move_to > e.tier
-                    if e.data is not None and (e.tier == e.top or leaving):
-                        # Resident at the top, or being moved down while its bytes are still valid.
+                    stays = e.move is None and self._promotion_target(e) is None
+                    if e.data is not None and (e.tier == e.top or leaving or stays):
+                        # Resident at the top, being moved down while its bytes are still valid, or in
+                        # memory that no tier above has room for.
                         self._policies[e.tier].access(e.id)
                         self._counts["gets"] += 1
                         self._counts["hits" if not waited else "gets_after_wait"] += 1
                         data, event = e.data, e.event
                         break
-                    if e.move is None:
-                        self._start_move(e, self._promotion_target(e))
+                    target = self._promotion_target(e) if e.move is None else None
+                    if e.move is None and target is not None:
+                        self._start_move(e, target)
                         continue
                     fut = e.move
+                if fut is None:  # nothing above has room: read it through without placing it
+                    data, event = self._read_through(e), None
+                    break
                 start = time.perf_counter()
                 cf.wait([fut])
                 waited += time.perf_counter() - start
@@ -283,8 +289,10 @@ class TierStore:
                 e = self._entries.get(h.id) if h.store == self._id else None
                 if e is None or e.move is not None or e.tier == e.top:
                     continue
-                self._counts["prefetches"] += 1
-                self._start_move(e, self._promotion_target(e))
+                target = self._promotion_target(e)
+                if target is not None:
+                    self._counts["prefetches"] += 1
+                    self._start_move(e, target)
 
     def free(self, handle: Handle) -> None:
         """Forget an entry and release its bytes in every tier. Freeing twice is a no-op."""
@@ -377,7 +385,7 @@ class TierStore:
             if not pending:
                 return
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            done, not_done = cf.wait(pending, timeout=left)
+            _, not_done = cf.wait(pending, timeout=left)
             if not_done and deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"{len(not_done)} moves still in flight after {timeout_s}s")
 
@@ -484,11 +492,12 @@ class TierStore:
                 return t
         return start
 
-    def _promotion_target(self, e: _Entry) -> Tier:
+    def _promotion_target(self, e: _Entry) -> Tier | None:
+        """The highest tier above ``e`` that can hold it, or ``None`` if none can."""
         for t in _TIERS[e.top : e.tier]:
             if self._budget[t] >= e.nbytes:
                 return t
-        return e.top if e.tier != Tier.DISK else Tier.HOST
+        return None
 
     def _add(self, e: _Entry, tier: Tier) -> None:
         self._used[tier] += e.nbytes
@@ -512,7 +521,8 @@ class TierStore:
                 if not self._eligible(tier, None, stuck)(i):
                     continue
             if i is None:
-                self._overcommit(tier)
+                if stuck:  # required entries with nowhere to go; pinned or moving ones resolve later
+                    self._overcommit(tier)
                 return
             e = self._entries[i]
             dst = self._lower(e, tier)
@@ -753,6 +763,26 @@ class TierStore:
             self._busy_s["read"] += seconds
             self._leaving[Tier.DISK] -= e.nbytes
             self._finish(e, Tier.DISK, dst, host, buf, event)
+
+    def _read_through(self, e: _Entry) -> torch.Tensor:
+        """Read a spilled entry that no tier above can hold (pinned by the caller, lock not held)."""
+        if self._spill is None or e.tier is not Tier.DISK:
+            raise EntryNotFoundError(f"entry {e.id} has no bytes to read")
+        start = time.perf_counter()
+        try:
+            data = read_record(self._spill.file(e.id))
+        except SpillError as err:
+            with self._lock:
+                self._counts["corrupt" if isinstance(err, SpillCorruptError) else "missing"] += 1
+                self._event("corruption" if isinstance(err, SpillCorruptError) else "missing", str(err))
+                self._free_locked(e)
+            raise
+        with self._lock:
+            self._counts["gets"] += 1
+            self._counts["reads"] += 1
+            self._counts["read_bytes"] += e.nbytes
+            self._busy_s["read"] += time.perf_counter() - start
+        return data
 
     def _fence_job(
         self, e: _Entry, src: Tier, dst: Tier, host: torch.Tensor, buf: torch.Tensor | None, done: Any
