@@ -373,7 +373,7 @@ def test_unwritable_spill_dir_is_refused(tmp_path):
     locked.mkdir(mode=0o500)
     if os.access(locked, os.W_OK):
         pytest.skip("running as a user that can write anywhere (root)")
-    with pytest.raises(ValueError, match="spill_dir=.*not writable"):
+    with pytest.raises(ValueError, match=r"spill_dir=.*not writable"):
         TierConfig(spill_dir=str(locked / "x"))
 
 
@@ -438,5 +438,5 @@ def test_concurrent_put_get_free_from_many_threads(make_store):
 
 def test_unwritable_spill_dir_is_refused_by_access_check(tmp_path, monkeypatch):
     monkeypatch.setattr("lightning_tiercache.config.os.access", lambda path, mode: False)
-    with pytest.raises(ValueError, match="spill_dir=.*not writable by this user"):
+    with pytest.raises(ValueError, match=r"spill_dir=.*not writable by this user"):
         TierConfig(spill_dir=str(tmp_path / "x"))
