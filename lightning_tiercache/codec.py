@@ -32,6 +32,7 @@ __all__ = [
     "CODEC_IDS",
     "AutoCodec",
     "Record",
+    "byte_view",
     "decode_payload",
     "dtype_code",
     "encode",
@@ -43,6 +44,7 @@ MAGIC = b"LTC1"
 # magic, codec, dtype, ndim, reserved, raw_nbytes, payload_nbytes, aux
 _FIXED = struct.Struct("<4sBBBBQQQ")
 _CHECKSUM = struct.Struct("<Q")
+_ALIGN = 64  # headers are padded so payloads start cache-line (and any dtype) aligned
 
 CODEC_IDS = {"none": 0, "zstd": 1, "byteplane": 2}
 _CODEC_NAMES = {v: k for k, v in CODEC_IDS.items()}
@@ -66,7 +68,7 @@ _LITTLE = sys.byteorder == "little"
 _local = threading.local()
 
 
-def _view(t: torch.Tensor) -> memoryview:
+def byte_view(t: torch.Tensor) -> memoryview:
     """A zero-copy byte view of a contiguous CPU uint8 tensor."""
     arr: Any = t.numpy()
     return memoryview(arr).cast("B")
@@ -87,6 +89,19 @@ def _compressor(level: int) -> zstandard.ZstdCompressor:
     if level not in cache:
         cache[level] = zstandard.ZstdCompressor(level=level)
     return cache[level]
+
+
+def _plane_compressor() -> zstandard.ZstdCompressor:
+    """zstd tuned for a plane of sign/exponent bytes: short repeats, low entropy. About 3x faster than
+    level 1 on such data, with a slightly better ratio (measured in ``bench store``)."""
+    c = getattr(_local, "plane", None)
+    if c is None:
+        params = zstandard.ZstdCompressionParameters(
+            window_log=17, hash_log=8, chain_log=8, search_log=1, min_match=7, target_length=0,
+            strategy=zstandard.STRATEGY_FAST,
+        )  # fmt: skip
+        c = _local.plane = zstandard.ZstdCompressor(compression_params=params)
+    return c
 
 
 def _decompressor() -> zstandard.ZstdDecompressor:
@@ -125,6 +140,7 @@ def pack_header(
     nbytes = sum(p.nbytes for p in payload)
     head = _FIXED.pack(MAGIC, CODEC_IDS[codec], dtype_code(dtype), len(shape), 0, raw, nbytes, aux)
     head += struct.pack(f"<{len(shape)}q", *shape)
+    head += bytes(-(len(head) + _CHECKSUM.size) % _ALIGN)
     h = xxhash.xxh3_64(head)
     for part in payload:
         h.update(part)
@@ -139,6 +155,7 @@ def parse_header(data: bytes | memoryview, where: str) -> Record:
     if magic != MAGIC or codec_id not in _CODEC_NAMES or dcode not in _CODE_TO_DTYPE:
         raise SpillCorruptError(f"{where}: not a lightning_tiercache spill record (bad magic/codec/dtype)")
     end = _FIXED.size + 8 * ndim
+    end += -(end + _CHECKSUM.size) % _ALIGN
     if len(data) < end + _CHECKSUM.size:
         raise SpillCorruptError(f"{where}: truncated header ({len(data)} bytes)")
     shape = struct.unpack_from(f"<{ndim}q", data, _FIXED.size)
@@ -169,16 +186,16 @@ def encode(tensor: torch.Tensor, codec: str, level: int = 1) -> tuple[list[memor
     """
     raw = as_bytes(tensor)
     if codec == "none" or raw.numel() == 0:
-        return [_view(raw)], 0
+        return [byte_view(raw)], 0
     if codec == "zstd":
-        return [memoryview(_compressor(level).compress(_view(raw)))], 0
+        return [memoryview(_compressor(level).compress(byte_view(raw)))], 0
     if codec == "byteplane" and tensor.dtype in _BYTEPLANE_DTYPES and _LITTLE:
         width = tensor.element_size()
-        planes = raw.view(-1, width)
-        high = planes[:, width - 1].contiguous()
-        low = planes[:, : width - 1].contiguous()
-        comp = _compressor(level).compress(_view(high))
-        return [memoryview(comp), _view(low)], len(comp)
+        planes: Any = raw.numpy().reshape(-1, width)  # numpy gathers strided bytes faster than torch
+        high = planes[:, width - 1].copy()
+        low = planes[:, : width - 1].copy()
+        comp = _plane_compressor().compress(memoryview(high))
+        return [memoryview(comp), memoryview(low).cast("B")], len(comp)
     if codec == "byteplane":  # other dtypes have no float planes: plain zstd, recorded as such
         raise ValueError("byteplane needs a float16/bfloat16/float32 tensor; use encode(..., 'zstd')")
     raise ValueError(f"unknown codec {codec!r}; one of {', '.join(CODEC_IDS)}")
@@ -190,14 +207,12 @@ def decode_payload(rec: Record, payload: memoryview, where: str) -> torch.Tensor
         if rec.codec == "none":
             raw = torch.frombuffer(payload, dtype=torch.uint8) if rec.raw_nbytes else None
         elif rec.codec == "zstd":
-            data = _decompressor().decompress(payload, max_output_size=rec.raw_nbytes)
-            raw = torch.frombuffer(bytearray(data), dtype=torch.uint8) if rec.raw_nbytes else None
+            raw = _decompress_into(payload, rec.raw_nbytes) if rec.raw_nbytes else None
         else:
             width = torch.empty((), dtype=rec.dtype).element_size()
             n = rec.raw_nbytes // width
-            high = _decompressor().decompress(payload[: rec.aux], max_output_size=n)
             out = torch.empty((n, width), dtype=torch.uint8)
-            out[:, width - 1] = torch.frombuffer(bytearray(high), dtype=torch.uint8)
+            out[:, width - 1] = _decompress_into(payload[: rec.aux], n)
             out[:, : width - 1] = torch.frombuffer(payload[rec.aux :], dtype=torch.uint8).view(n, width - 1)
             raw = out.view(-1)
     except (zstandard.ZstdError, RuntimeError, ValueError) as err:
@@ -207,6 +222,22 @@ def decode_payload(rec: Record, payload: memoryview, where: str) -> torch.Tensor
     if raw.numel() != rec.raw_nbytes:
         raise SpillCorruptError(f"{where}: decoded {raw.numel()} bytes, expected {rec.raw_nbytes}")
     return raw.view(rec.dtype).view(rec.shape)
+
+
+def _decompress_into(payload: memoryview, nbytes: int) -> torch.Tensor:
+    """Decompress a zstd frame of ``nbytes`` straight into a new tensor (no intermediate bytes object)."""
+    out = torch.empty(nbytes, dtype=torch.uint8)
+    view = byte_view(out)
+    reader = _decompressor().stream_reader(payload)
+    got = 0
+    while got < nbytes:
+        n = reader.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    if got != nbytes or reader.read(1):
+        raise ValueError(f"frame holds {'more' if got == nbytes else got} bytes, expected {nbytes}")
+    return out
 
 
 class AutoCodec:

@@ -696,9 +696,10 @@ class TierStore:
                 codec, parts, aux = self._auto.encode(host)
             else:
                 codec, parts, aux = encode_with(self.config.codec, host, self.config.zstd_level)
+            encoded = time.perf_counter()
             written = write_parts(path, codec, host, parts, aux)
             seconds = time.perf_counter() - start
-            self._auto.observe_disk(written, seconds)
+            self._auto.observe_disk(written, seconds - (encoded - start))
         except OSError as err:
             with self._lock:
                 full = isinstance(err, DiskFullError)

@@ -97,14 +97,15 @@ def test_layouts_round_trip_through_disk(make_store, codec, make):
     assert _bits_equal(store.get(h), t.contiguous())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8, torch.bool], ids=str)
 @pytest.mark.parametrize("tier", [Tier.DEVICE, Tier.HOST, Tier.DISK])
-def test_get_returns_the_value_from_each_tier(make_store, tier):
+def test_get_returns_the_value_from_each_tier(make_store, tier, dtype):
     store = make_store(device_bytes="1MiB", host_bytes="1MiB", disk_bytes="1MiB")
-    t = torch.randn(64, 64)
+    t = _sample(dtype, (64, 64)).t()
     h = store.put(t, tier=tier)
     store.settle()
     assert store.where(h) is tier
-    assert _bits_equal(store.get(h), t)
+    assert _bits_equal(store.get(h).contiguous(), t.contiguous())
     assert store.where(h) is Tier.DEVICE  # a get brings it back up
 
 

@@ -1,0 +1,90 @@
+"""Smoke tests of ``python -m lightning_tiercache.bench limits`` and ``... store`` at a tiny size.
+
+They prove the benchmarks run end to end and emit well-formed JSON; they make no speed claims.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import pytest
+import torch
+
+from lightning_tiercache.bench import limits, store
+from lightning_tiercache.bench.__main__ import main as bench_main
+
+
+def _run(capsys: pytest.CaptureFixture[str], module: Any, argv: list[str]) -> dict[str, Any]:
+    assert module.main(argv) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value) and value > 0
+
+
+def test_limits_json_has_every_limit_finite_and_positive(capsys, tmp_path):
+    out = _run(capsys, limits, ["--json", "--size", "256KiB", "--repeats", "1", "--spill-dir", str(tmp_path)])
+    assert out["bench"] == "limits"
+    assert out["machine"]["cpu_cores"] >= 1
+    names = {r["limit"] for r in out["rows"]}
+    assert {"memcpy", "file_write", "file_read", "zstd1_compress", "zstd1_decompress"} <= names
+    for row in out["rows"]:
+        assert _positive(row["GB/s"]), row
+    lim = out["limits"]
+    for key in ("memcpy_Bps", "file_write_Bps", "file_read_Bps", "zstd1_compress_Bps", "zstd1_ratio"):
+        assert _positive(lim[key]), key
+    assert lim["nbytes"] == 256 * 1024
+    assert list(tmp_path.iterdir()) == []  # scratch files removed
+
+
+def test_store_json_covers_every_section_codec_and_dtype(capsys, tmp_path):
+    out = _run(capsys, store, ["--json", "--size", "256KiB", "--repeats", "1", "--spill-dir", str(tmp_path)])
+    assert out["bench"] == "store"
+    rows = out["rows"]
+    disk = {(r["codec"], r["dtype"], r["op"]) for r in rows if r["section"] == "disk"}
+    assert disk == {
+        (c, d, op) for c in ("none", "zstd", "byteplane", "auto") for d in store.DTYPES for op in ("write", "read")
+    }
+    codec = {(r["codec"], r["data"], r["op"]) for r in rows if r["section"] == "codec" and r["dtype"] == "bf16"}
+    assert ("byteplane", "gelu", "ratio") in codec and ("byteplane", "layernorm", "compress") in codec
+    assert {r["op"] for r in rows if r["section"] == "memory"} == {"device put+get", "host put+get"}
+    for row in rows:
+        assert _positive(row["fraction"]) and _positive(row["limit"]), row
+        if row["GB/s"] is not None:
+            assert _positive(row["GB/s"]), row
+        if row["section"] == "disk":
+            assert _positive(row["record"]) and _positive(row["store/record"]) and _positive(row["ratio"]), row
+            assert row["picked"] in ("none", "zstd", "byteplane"), row
+    byteplane_bf16 = [r for r in rows if r["section"] == "codec" and r["codec"] == "byteplane" and r["op"] == "ratio"]
+    assert all(r["ratio"] > 1.0 for r in byteplane_bf16)
+    targets = [r for r in rows if "target" in r and r["target"] is not None]
+    assert {r["ok"] for r in targets} <= {"yes", "NO"} and targets
+    assert isinstance(out["targets_missed"], list)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_entry_point_dispatches_and_prints_a_table(capsys, tmp_path):
+    assert bench_main(["limits", "--size", "64KiB", "--repeats", "1", "--spill-dir", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("# limits") and "| memcpy" in text and "file_read" in text
+
+
+@pytest.mark.parametrize("kind", limits.ACTIVATION_KINDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_activation_like_is_deterministic_and_not_uniform_noise(kind, dtype):
+    a = limits.activation_like(5000, dtype, kind, seed=3)
+    assert a.shape == (5000,) and a.dtype == dtype
+    assert torch.equal(a, limits.activation_like(5000, dtype, kind, seed=3))
+    x = a.float()
+    if kind == "gelu":
+        assert x.min() > -0.2  # GELU's floor is about -0.17
+    else:
+        assert abs(x.mean()) < 0.2 and 0.5 < x.std() < 1.5  # LayerNorm output
+
+
+def test_activation_like_rejects_unknown_kind():
+    with pytest.raises(ValueError, match="kind='relu' is not one of gelu, layernorm"):
+        limits.activation_like(10, torch.float32, "relu")
