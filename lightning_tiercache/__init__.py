@@ -50,6 +50,9 @@ _LAZY = {
     "no_offload": "lightning_tiercache.activations",
     "TieredKVCache": "lightning_tiercache.kv",
     "TierCacheCallback": "lightning_tiercache.callback",
+    "OOMConfig": "lightning_tiercache.oom",
+    "OOMInjector": "lightning_tiercache.testing",
+    "micro_batches": "lightning_tiercache.microbatch",
 }
 
 

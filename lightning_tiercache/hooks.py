@@ -1,0 +1,394 @@
+"""The strategy hook: wraps a Trainer's strategy step calls for OOM split-and-retry and micro-batching.
+
+Lightning's automatic optimization runs ``training_step`` inside the optimizer closure, then ``zero_grad``,
+then ``strategy.backward(loss)``. The hook's ``training_step`` runs forward *and* backward of every
+micro-batch itself (through the strategy's own ``backward``, so precision scaling and the backward hooks run
+as usual), rolls back and retries on OOM, and hands the step's gradients to the closure's ``backward`` call,
+which adds them to ``.grad`` and, under DDP, all-reduces them once (see Note: [no hang] in
+:mod:`lightning_tiercache.microbatch`). Gradients already in ``.grad`` from earlier batches of an accumulation
+window stay untouched until then, so a failed attempt never corrupts them (see Note: [stale grads]).
+
+Eval steps are split the same way; each micro-batch's ``self.log`` values and torchmetrics states are
+snapshotted and restored if it runs out of memory, so no sample is counted twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from collections import deque
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from lightning_tiercache.errors import BatchSplitError
+from lightning_tiercache.microbatch import MicroBatchRunner, StepResult, sync_gradients
+from lightning_tiercache.oom import MicroBatchPolicy, OOMConfig, RankAgreement, now
+from lightning_tiercache.split import merge_outputs
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+    from lightning_tiercache.store import TierStore
+
+__all__ = ["StepHook"]
+
+log = logging.getLogger(__name__)
+
+_EVAL_STEPS = ("validation_step", "test_step", "predict_step")
+_WRAPPED = ("training_step", "backward", *_EVAL_STEPS)
+
+
+@dataclasses.dataclass
+class _Pending:
+    """The step's gradients, waiting for the closure's ``backward`` call."""
+
+    params: list[torch.nn.Parameter]
+    grads: list[torch.Tensor | None]
+    ddp: DistributedDataParallel | None
+    must_sync: bool
+
+
+def _metric_snapshot(m: Any) -> dict[str, Any]:
+    state: dict[str, Any] = {}
+    for name in getattr(m, "_defaults", {}):
+        v = getattr(m, name)
+        # List states only grow by append: remember the length. Tensor states may change in place: clone.
+        state[name] = len(v) if isinstance(v, list) else (v.clone() if isinstance(v, torch.Tensor) else v)
+    for attr in ("_update_count", "_computed", "_forward_cache", "has_reset"):
+        if hasattr(m, attr):
+            state[attr] = getattr(m, attr)
+    return state
+
+
+def _metric_restore(m: Any, state: dict[str, Any]) -> None:
+    for name, v in state.items():
+        current = getattr(m, name, None)
+        if isinstance(current, list) and isinstance(v, int) and name in getattr(m, "_defaults", {}):
+            del current[v:]
+        else:
+            setattr(m, name, v)
+
+
+def _detach(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.detach()
+    if isinstance(x, Mapping):
+        return {k: _detach(v) for k, v in x.items()}
+    return x
+
+
+class StepHook:
+    """Split-and-retry for the steps of one Trainer, installed on its strategy.
+
+    Args:
+        config: OOM recovery settings.
+        store: the TierStore whose device tier is demoted (ladder step 2) before splitting.
+        forward_context: entered around every training forward the hook runs (e.g. activation offload).
+
+    Example::
+
+        hook = StepHook(OOMConfig(grow_back_after_steps=200))
+        hook.install(trainer)      # in Callback.setup
+        ...
+        hook.uninstall()           # in Callback.teardown and on_exception
+    """
+
+    def __init__(
+        self,
+        config: OOMConfig | None = None,
+        store: TierStore | None = None,
+        forward_context: Callable[[], AbstractContextManager[Any]] | None = None,
+    ) -> None:
+        self.config = config or OOMConfig()
+        self.store = store
+        self.forward_context = forward_context
+        self.events: deque[dict[str, Any]] = deque(maxlen=256)
+        self.train_policy = MicroBatchPolicy(self.config, on_event=self._event)
+        self.eval_policy = MicroBatchPolicy(self.config, on_event=self._event)
+        self._trainer: pl.Trainer | None = None
+        self._strategy: Any = None
+        self._saved: dict[str, tuple[bool, Any]] = {}
+        self._pending: _Pending | None = None
+        self._stage = "train"
+        self._warned: set[str] = set()
+
+    # ------------------------------------------------------------------ install
+
+    @property
+    def installed(self) -> bool:
+        return self._strategy is not None
+
+    def install(self, trainer: pl.Trainer) -> None:
+        """Wrap ``trainer.strategy``'s step calls and ``backward``; a second call is a no-op."""
+        if self._strategy is trainer.strategy:
+            return
+        self.uninstall()
+        strategy = trainer.strategy
+        originals = {name: getattr(strategy, name) for name in _WRAPPED}
+        for name in _WRAPPED:
+            self._saved[name] = (name in vars(strategy), vars(strategy).get(name))
+        self._trainer, self._strategy = trainer, strategy
+        setattr(strategy, "training_step", self._wrap_train(originals["training_step"], originals["backward"]))  # noqa: B010
+        setattr(strategy, "backward", self._wrap_backward(originals["backward"]))  # noqa: B010
+        for name in _EVAL_STEPS:
+            setattr(strategy, name, self._wrap_eval(name, originals[name]))
+
+    def uninstall(self) -> None:
+        """Put the strategy's original methods back exactly; safe to call more than once."""
+        strategy = self._strategy
+        if strategy is None:
+            return
+        for name, (had, value) in self._saved.items():
+            if had:
+                setattr(strategy, name, value)
+            else:
+                vars(strategy).pop(name, None)
+        self._saved.clear()
+        self._strategy = self._trainer = None
+        self._pending = None
+
+    @contextlib.contextmanager
+    def installed_on(self, trainer: pl.Trainer) -> Any:
+        """``with hook.installed_on(trainer): ...`` installs, and uninstalls even on exception."""
+        self.install(trainer)
+        try:
+            yield self
+        finally:
+            self.uninstall()
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": 1, "train": self.train_policy.state_dict(), "eval": self.eval_policy.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.train_policy.load_state_dict(state["train"])
+        self.eval_policy.load_state_dict(state["eval"])
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: ``oom_retries, splits, current_micro_batches, demotions, failed_attempts, grow_backs, ...``;
+        the eval policy's under ``eval_*``."""
+        out = self.train_policy.stats()
+        out.update({f"eval_{k}": v for k, v in self.eval_policy.stats().items()})
+        return out
+
+    def drain_events(self) -> list[dict[str, Any]]:
+        """Notable events since the last call (OOM retries, split changes), oldest first."""
+        out = list(self.events)
+        self.events.clear()
+        return out
+
+    def _event(self, name: str, detail: str) -> None:
+        step = self._trainer.global_step if self._trainer is not None else -1
+        self.events.append({"time": now(), "event": name, "detail": detail, "stage": self._stage, "step": step})
+
+    # ------------------------------------------------------------------ helpers
+
+    def _runner(self, policy: MicroBatchPolicy) -> MicroBatchRunner:
+        device = getattr(self._strategy, "root_device", None)
+        free = self._free_memory if self.store is not None else None
+        return MicroBatchRunner(self.config, policy, RankAgreement(), free_memory=free, device=device)
+
+    def _free_memory(self) -> int:
+        from lightning_tiercache.store import Tier
+
+        if self.store is None:
+            return 0
+        freed = self.store.clear_cache()
+        freed += self.store.demote(Tier.DEVICE)
+        return freed
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(message)
+
+    def _set_log_batch(self, batch: Any) -> None:
+        # `self.log` weighs mean-reduced values by the batch size it finds in the results' batch.
+        results = getattr(self._trainer, "_results", None)
+        if results is not None:
+            results.batch = batch
+            results.batch_size = None
+
+    def _save(self) -> Any:
+        """Snapshot what a step may log or accumulate: the trainer's logged results and module metrics."""
+        trainer = self._trainer
+        assert trainer is not None  # installed
+        from torchmetrics import Metric
+
+        metrics = [m for m in trainer.lightning_module.modules() if isinstance(m, Metric)]
+        results = getattr(trainer, "_results", None)
+        logged = dict(results) if results is not None else {}
+        return (
+            [(m, _metric_snapshot(m)) for m in metrics],
+            results,
+            logged,
+            [(m, _metric_snapshot(m)) for m in logged.values() if isinstance(m, Metric)],
+        )
+
+    def _restore(self, saved: Any) -> None:
+        metrics, results, logged, logged_states = saved
+        for m, s in metrics:
+            _metric_restore(m, s)
+        if results is not None:
+            for key in [k for k in results if k not in logged]:
+                del results[key]
+        for m, s in logged_states:
+            _metric_restore(m, s)
+        scaler = getattr(getattr(self._strategy, "precision_plugin", None), "scaler", None)
+        states = getattr(scaler, "_per_optimizer_states", None)
+        if isinstance(states, dict) and self._trainer is not None:
+            for opt in self._trainer.optimizers:
+                states.pop(id(opt), None)
+
+    def _ddp(self) -> DistributedDataParallel | None:
+        model = getattr(self._strategy, "model", None)
+        return model if isinstance(model, DistributedDataParallel) else None
+
+    # ------------------------------------------------------------------ training
+
+    def _wrap_train(self, original: Callable[..., Any], backward: Callable[..., Any]) -> Callable[..., Any]:
+        def training_step(*args: Any, **kwargs: Any) -> Any:
+            return self._training_step(original, backward, args, kwargs)
+
+        return training_step
+
+    def _forward(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if self.forward_context is None:
+            return fn(*args, **kwargs)
+        with self.forward_context():
+            return fn(*args, **kwargs)
+
+    def _training_step(
+        self, original: Callable[..., Any], backward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        trainer = self._trainer
+        assert trainer is not None  # installed
+        module = trainer.lightning_module
+        self._stage = "train"
+        if self._pending is not None:
+            self._warn_once("pending", "tiercache oom: backward was skipped after a training step; dropping its grads")
+            self._pending = None
+        if (
+            not self.config.enabled
+            or not args
+            or not module.automatic_optimization
+            or not trainer.optimizers
+            or getattr(self._strategy, "handles_gradient_accumulation", False)
+        ):
+            return self._forward(original, *args, **kwargs)
+        batch, rest = args[0], args[1:]
+        optimizer = trainer.optimizers[0]
+        accumulate = trainer.accumulate_grad_batches
+        params = [p for p in module.parameters() if p.requires_grad]
+        # Note: [stale grads] on the first batch of an accumulation window Lightning zeroes the grads right after
+        # this call; release them now so a failed attempt's memory does not sit next to stale gradients.
+        if trainer.fit_loop.epoch_loop.batch_idx % accumulate == 0:
+            in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
+            for p in params:
+                if id(p) in in_opt:
+                    p.grad = None
+        ddp = self._ddp()
+        if ddp is None and trainer.world_size > 1:
+            self._warn_once(
+                "strategy",
+                f"tiercache oom: {type(self._strategy).__name__} is not DDP; micro-batching works, but an OOM on one "
+                "rank in backward can leave the other ranks waiting in the strategy's own collectives",
+            )
+
+        def micro_step(part: Any, scale: float) -> Any:
+            self._set_log_batch(part)
+            out = self._forward(original, part, *rest, **kwargs)
+            loss = out.get("loss") if isinstance(out, Mapping) else out
+            if isinstance(loss, torch.Tensor):
+                scaled = loss if scale == 1.0 else loss * scale
+                backward(scaled if accumulate == 1 else scaled / accumulate, optimizer)
+            return _detach(out)
+
+        must_sync = ddp is not None and bool(ddp.require_backward_grad_sync)
+        buffers = list(module.buffers()) if self.config.restore_buffers else []
+        try:
+            result = self._runner(self.train_policy).run_train(
+                batch,
+                micro_step,
+                params,
+                ddp=ddp,
+                buffers=buffers,
+                save=self._save,
+                restore=self._restore,
+                combine=False,
+            )
+        finally:
+            self._set_log_batch(batch)
+        assert result.grads is not None  # combine=False
+        if all(o is None for o in result.outputs):
+            return None
+        self._pending = _Pending(params, result.grads, ddp, must_sync)
+        return self._combine(result)
+
+    def _combine(self, result: StepResult) -> Any:
+        if len(result.outputs) == 1:
+            return result.outputs[0]
+        pairs = [(o, s) for o, s in zip(result.outputs, result.sizes, strict=True) if o is not None]
+        outs, sizes = [o for o, _ in pairs], [s for _, s in pairs]
+        total = sum(sizes)
+        share = (lambda s: s / total) if self.config.loss_reduction == "mean" else (lambda s: 1.0)
+        losses: list[Any] = [o.get("loss") if isinstance(o, Mapping) else o for o in outs]
+        loss = torch.stack([lo * share(s) for lo, s in zip(losses, sizes, strict=True)]).sum()
+        if not isinstance(outs[0], Mapping):
+            return loss
+        extras = [{k: v for k, v in o.items() if k != "loss"} for o in outs]
+        try:
+            merged = merge_outputs(extras, sizes, self.config.merge_fn)
+        except BatchSplitError:
+            self._warn_once("extras", "tiercache oom: cannot merge training_step extras; kept the last micro-batch's")
+            merged = extras[-1]
+        return {"loss": loss, **merged}
+
+    def _wrap_backward(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        def backward(closure_loss: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            pending, self._pending = self._pending, None
+            if pending is None:
+                return original(closure_loss, *args, **kwargs)
+            for p, g in zip(pending.params, pending.grads, strict=True):
+                if g is None:
+                    continue
+                if p.grad is None:
+                    p.grad = g
+                else:
+                    p.grad.add_(g)
+            if pending.must_sync and pending.ddp is not None:
+                sync_gradients(pending.params, pending.ddp.process_group, self.config.sync_bucket_bytes)
+                pending.ddp.require_forward_param_sync = True
+            return closure_loss
+
+        return backward
+
+    # ------------------------------------------------------------------ eval
+
+    def _wrap_eval(self, name: str, original: Callable[..., Any]) -> Callable[..., Any]:
+        stage = name.removesuffix("_step")
+
+        def eval_step(*args: Any, **kwargs: Any) -> Any:
+            if not (self.config.enabled and self.config.split_eval) or not args:
+                return original(*args, **kwargs)
+            self._stage = stage
+            batch, rest = args[0], args[1:]
+
+            def micro_step(part: Any) -> Any:
+                self._set_log_batch(part)
+                return original(part, *rest, **kwargs)
+
+            runner = self._runner(self.eval_policy)
+            try:
+                result = runner.run_eval(batch, micro_step, save=self._save, restore=self._restore)
+            finally:
+                self._set_log_batch(batch)
+            return runner.merge(result)
+
+        return eval_step
