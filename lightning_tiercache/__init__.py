@@ -49,6 +49,8 @@ _LAZY = {
     "offload_activations": "lightning_tiercache.activations",
     "no_offload": "lightning_tiercache.activations",
     "TieredKVCache": "lightning_tiercache.kv",
+    "KVConfig": "lightning_tiercache.kv_layer",
+    "tier_generate": "lightning_tiercache.kv_generate",
     "TierCacheCallback": "lightning_tiercache.callback",
     "OOMConfig": "lightning_tiercache.oom",
     "OOMInjector": "lightning_tiercache.testing",
