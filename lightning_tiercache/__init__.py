@@ -46,6 +46,7 @@ __version__ = "0.1.0"
 # Parts that import optional or heavy packages load on first use.
 _LAZY = {
     "ActivationOffloader": "lightning_tiercache.activations",
+    "OffloadConfig": "lightning_tiercache.activations",
     "offload_activations": "lightning_tiercache.activations",
     "no_offload": "lightning_tiercache.activations",
     "TieredKVCache": "lightning_tiercache.kv",

@@ -167,8 +167,11 @@ class StepHook:
         return {"version": 1, "train": self.train_policy.state_dict(), "eval": self.eval_policy.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.train_policy.load_state_dict(state["train"])
-        self.eval_policy.load_state_dict(state["eval"])
+        """Restore what :meth:`state_dict` saved; missing parts (an older or empty state) keep defaults."""
+        if "train" in state:
+            self.train_policy.load_state_dict(state["train"])
+        if "eval" in state:
+            self.eval_policy.load_state_dict(state["eval"])
 
     def stats(self) -> dict[str, Any]:
         """Counters: ``oom_retries, splits, current_micro_batches, demotions, failed_attempts, grow_backs, ...``;

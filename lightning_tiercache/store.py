@@ -389,8 +389,12 @@ class TierStore:
             if not_done and deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"{len(not_done)} moves still in flight after {timeout_s}s")
 
-    def stats(self) -> dict[str, Any]:
-        """A snapshot of counters: per-tier bytes/entries/budget/peak, traffic, waits and failures."""
+    def stats(self, reset_peaks: bool = False) -> dict[str, Any]:
+        """A snapshot of counters: per-tier bytes/entries/budget/peak, traffic, waits and failures.
+
+        ``peak_bytes`` is the highest use since the store opened or since the last call with
+        ``reset_peaks=True``, which starts a new window at the current use (for periodic sampling).
+        """
         with self._lock:
             tiers = {}
             for t in _TIERS:
@@ -400,6 +404,8 @@ class TierStore:
                     "budget": self._budget[t],
                     "peak_bytes": self._peak[t],
                 }
+                if reset_peaks:
+                    self._peak[t] = self._used[t]
             waits = sorted(self._waits)
             out: dict[str, Any] = {"tiers": tiers, "entries": len(self._entries)}
             for name in (

@@ -441,3 +441,13 @@ def test_unwritable_spill_dir_is_refused_by_access_check(tmp_path, monkeypatch):
     monkeypatch.setattr("lightning_tiercache.config.os.access", lambda path, mode: False)
     with pytest.raises(ValueError, match=r"spill_dir=.*not writable by this user"):
         TierConfig(spill_dir=str(tmp_path / "x"))
+
+
+def test_peak_bytes_cover_a_window_when_reset(make_store):
+    store = make_store(device_bytes="1MiB", host_bytes="1MiB", disk_bytes="1MiB")
+    h = store.put(torch.zeros(1024))
+    store.free(h)
+    assert store.stats(reset_peaks=True)["tiers"]["device"]["peak_bytes"] == 4096
+    assert store.stats()["tiers"]["device"]["peak_bytes"] == 0  # the new window saw nothing
+    store.put(torch.zeros(256))
+    assert store.stats()["tiers"]["device"]["peak_bytes"] == 1024

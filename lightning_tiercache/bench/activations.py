@@ -1,0 +1,307 @@
+"""``python -m lightning_tiercache.bench activations``: activation offload against the alternatives.
+
+Trains a GPT built from a config and runs, side by side in one process (alternating, after a warm-up):
+no offload; ``torch.utils.checkpoint`` per block; ``torch.autograd.graph.save_on_cpu`` (CUDA);
+torchtune's ``OffloadActivations`` (CUDA, when installed); ours to host; ours to disk. Step time is reported
+as the median per-round ratio to no offload. Memory is measured in a fresh subprocess per variant: on CUDA
+``max_memory_allocated`` over a step minus what was allocated before it; on CPU the bytes saved for backward
+that stay resident (the store's device-tier peak for ours, a counting hook for the others) and the process's
+peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from lightning_tiercache.bench.common import alternate, base_parser, emit, median
+from lightning_tiercache.bench.gpt import GPT, GPTConfig, SavedBytes
+
+__all__ = ["main"]
+
+SIZES = {
+    "default": {"vocab_size": 1024, "seq_len": 256, "n_layer": 4, "n_head": 6, "d_model": 384, "batch": 4},
+    "full": {"vocab_size": 8192, "seq_len": 2048, "n_layer": 12, "n_head": 16, "d_model": 1024, "batch": 8},
+}
+MiB = 1 << 20
+_COLUMNS = (
+    "variant", "step_x", "step_x_iqr", "resident_mib", "resident_pct", "peak_rss_mib", "rss_growth_mib",
+    "moved_mib_step", "wait_ms_step", "waits_step", "lead_mib", "note",
+)  # fmt: skip
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = base_parser("activations", __doc__.splitlines()[0] if __doc__ else "")
+    p.add_argument("--codec", default="auto", help="codec of the disk tier (TierConfig.codec)")
+    p.add_argument("--min-bytes", default="64KiB", help="smallest tensor offloaded")
+    p.add_argument("--keep-tail-bytes", default=None, help="fixed resident tail for ours (default: planned)")
+    p.add_argument("--variants", default=None, help="comma-separated subset of variants")
+    p.add_argument("--seq-len", type=int, default=None, help="sequence length (longer: more compute per saved byte)")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def _size(args: argparse.Namespace) -> tuple[GPTConfig, int]:
+    s: dict[str, Any] = dict(SIZES["full" if args.full else "default"])
+    batch = int(s.pop("batch"))
+    if args.seq_len:
+        s["seq_len"] = args.seq_len
+    return GPTConfig(**s), batch
+
+
+def _device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _variant_names(args: argparse.Namespace) -> list[str]:
+    names = ["none", "checkpoint"]
+    if torch.cuda.is_available():
+        names.append("save_on_cpu")
+        if _torchtune() is not None:
+            names.append("torchtune")
+    names += ["ours_host", "ours_disk"]
+    if args.variants:
+        wanted = args.variants.split(",")
+        names = [n for n in names if n in wanted or n == "none"]
+    return names
+
+
+def _torchtune() -> Any:
+    try:
+        from torchtune.training import OffloadActivations
+    except Exception:  # not installed, or an incompatible torchao: the variant is skipped
+        return None
+    return OffloadActivations
+
+
+class _Variant:
+    """One way to run a training step; ``context`` wraps the forward."""
+
+    def __init__(self, name: str, model: GPT, args: argparse.Namespace, device: torch.device) -> None:
+        self.name = name
+        self.model = model
+        self.store: Any = None
+        self.offloader: Any = None
+        self.tt: Any = None
+        if name.startswith("ours"):
+            from lightning_tiercache import TierConfig, TierStore
+            from lightning_tiercache.activations import ActivationOffloader
+
+            if name == "ours_host":
+                cfg = TierConfig(disk_bytes=0, device=str(device))
+                self.store = TierStore(cfg)
+                self.offloader = ActivationOffloader(
+                    self.store, min_bytes=args.min_bytes, module=model, keep_tail_bytes=args.keep_tail_bytes
+                )
+            else:
+                cfg = TierConfig(host_bytes=0, codec=args.codec, device=str(device))
+                self.store = TierStore(cfg)
+                self.offloader = ActivationOffloader(
+                    self.store,
+                    min_bytes=args.min_bytes,
+                    module=model,
+                    tier="disk",
+                    keep_tail_bytes=args.keep_tail_bytes,
+                )
+        elif name == "torchtune":
+            self.tt = _torchtune()()
+
+    @contextlib.contextmanager
+    def context(self) -> Iterator[None]:
+        self.model.use_checkpoint = self.name == "checkpoint"
+        try:
+            if self.offloader is not None:
+                with self.offloader:
+                    yield
+            elif self.name == "save_on_cpu":
+                with torch.autograd.graph.save_on_cpu(pin_memory=True):
+                    yield
+            elif self.tt is not None:
+                with self.tt:
+                    yield
+            else:
+                yield
+        finally:
+            self.model.use_checkpoint = False
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+
+
+def _step(variant: _Variant, x: torch.Tensor, y: torch.Tensor, amp: bool) -> None:
+    model = variant.model
+    model.zero_grad(set_to_none=True)
+    autocast = torch.autocast(x.device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+    with autocast, variant.context():
+        loss = model(x, y).loss
+    loss.backward()
+
+
+def _bind(v: _Variant, x: torch.Tensor, y: torch.Tensor, amp: bool) -> Callable[[], None]:
+    return lambda: _step(v, x, y, amp)
+
+
+def _setup(args: argparse.Namespace) -> tuple[GPT, torch.Tensor, torch.Tensor, torch.device]:
+    torch.manual_seed(0)
+    cfg, batch = _size(args)
+    device = _device()
+    model = GPT(cfg).to(device)
+    x, y = model.batch(batch, torch.Generator().manual_seed(0))
+    return model, x, y, device
+
+
+def _child(args: argparse.Namespace) -> int:
+    """Measure one variant's memory in this fresh process; print one JSON line."""
+    model, x, y, device = _setup(args)
+    v = _Variant(args.child, model, args, device)
+    amp = device.type == "cuda"
+    _step(v, x, y, amp)  # the first step measures; memory is taken on the planned steps
+    out: dict[str, Any] = {"name": v.name}
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    rss_before = _reset_peak_rss()
+    resident = 0
+    counted: list[int] = []
+    for _ in range(2):
+        if v.offloader is None and device.type != "cuda":
+            with SavedBytes() as saved:
+                inputs = _count_checkpoint_inputs(model) if v.name == "checkpoint" else contextlib.nullcontext([0])
+                with inputs as held:
+                    _step(v, x, y, amp)
+            counted.append(saved.nbytes + sum(held))
+        else:
+            _step(v, x, y, amp)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        out["cuda_peak_bytes"] = torch.cuda.max_memory_allocated() - base
+        resident = out["cuda_peak_bytes"]
+    elif v.offloader is not None:
+        v.store.settle()
+        st = v.offloader.stats()
+        resident = v.store.stats()["tiers"]["device"]["peak_bytes"] + st["skipped_bytes"] // max(1, st["steps"])
+    else:
+        resident = max(counted)
+    out.update(resident_bytes=resident, rss_before=rss_before, peak_rss=_peak_rss())
+    v.close()
+    print(json.dumps(out))
+    return 0
+
+
+@contextlib.contextmanager
+def _count_checkpoint_inputs(model: GPT) -> Iterator[list[int]]:
+    """Bytes of block inputs that ``torch.utils.checkpoint`` holds for recomputation (not seen by hooks)."""
+    held: list[int] = []
+    hooks = [
+        b.register_forward_pre_hook(lambda _m, a: held.append(a[0].numel() * a[0].element_size())) for b in model.blocks
+    ]
+    try:
+        yield held
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _proc_status(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> int:
+    """Restart the peak-RSS count here (Linux ``clear_refs``); returns the RSS now."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    rss = _proc_status("VmRSS")
+    return rss if rss is not None else _peak_rss()
+
+
+def _peak_rss() -> int:
+    """Peak RSS of this process image (``VmHWM``: unlike ``ru_maxrss`` it does not inherit the parent's)."""
+    hwm = _proc_status("VmHWM")
+    return hwm if hwm is not None else int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _memory(args: argparse.Namespace, name: str, argv: list[str]) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "lightning_tiercache.bench", "activations", *argv, "--child", name]
+    # A fixed mmap threshold makes freed activations go back to the OS, so RSS follows live bytes.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False, env=env)
+    if done.returncode != 0:
+        return {"name": name, "error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    if args.child:
+        return _child(args)
+    started = time.perf_counter()
+    model, x, y, device = _setup(args)
+    amp = device.type == "cuda"
+    names = _variant_names(args)
+    variants = {n: _Variant(n, model, args, device) for n in names}
+    fns = {n: _bind(v, x, y, amp) for n, v in variants.items()}
+    repeats = args.repeats or (10 if args.full else 6)
+    times = alternate(fns, repeats, warmup=2)
+    child_argv = [a for a in argv if a not in ("--json",)]
+    mem = {n: _memory(args, n, child_argv) for n in names}
+    rows = [_row(n, variants[n], times, mem[n], mem["none"]) for n in names]
+    extra = {
+        "model": {**SIZES["full" if args.full else "default"], **({"seq_len": args.seq_len} if args.seq_len else {})},
+        "device": str(device),
+        "repeats": repeats,
+        "disk_codec": args.codec,
+        "base_step_s": round(median(times["none"]), 4),
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
+    for v in variants.values():
+        v.close()
+    emit("activation offload", rows, args.json, extra)
+    return 0
+
+
+def _row(
+    name: str, v: _Variant, times: dict[str, list[float]], mem: dict[str, Any], base: dict[str, Any]
+) -> dict[str, Any]:
+    ratios = [a / b for a, b in zip(times[name], times["none"], strict=True)]
+    row: dict[str, Any] = dict.fromkeys(_COLUMNS)
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    row.update(variant=name, step_x=round(median(ratios), 3), step_x_iqr=f"{q[0]:.2f}-{q[2]:.2f}")
+    if "error" in mem:
+        row["note"] = mem["error"][:60]
+        return row
+    row["resident_mib"] = round(mem["resident_bytes"] / MiB, 1)
+    row["resident_pct"] = round(100 * mem["resident_bytes"] / max(1, base.get("resident_bytes", 1)), 1)
+    row["peak_rss_mib"] = round(mem["peak_rss"] / MiB)
+    row["rss_growth_mib"] = round((mem["peak_rss"] - mem["rss_before"]) / MiB)
+    if v.offloader is not None:
+        st, ss = v.offloader.stats(), v.store.stats()
+        steps = max(1, st["steps"])
+        moved = st["bytes_offloaded"] + ss["read_bytes"] + ss["bytes_to_device"]
+        row["moved_mib_step"] = round(moved / steps / MiB, 1)
+        row["wait_ms_step"] = round(1000 * st["unpack_wait_s"] / steps, 2)
+        row["waits_step"] = round(st["unpack_waits"] / steps, 1)
+        row["lead_mib"] = round(st["lead_bytes"] / MiB, 1)
+    return row

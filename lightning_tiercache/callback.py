@@ -1,0 +1,385 @@
+"""TierCacheCallback: the Lightning face of lightning_tiercache (a thin shell over the parts below it)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+from lightning_tiercache.config import TierConfig, parse_bytes
+from lightning_tiercache.runtime import TierRuntime, kv_config, oom_config
+from lightning_tiercache.store import TierStore
+from lightning_tiercache.telemetry import Telemetry
+
+__all__ = ["TierCacheCallback"]
+
+log = logging.getLogger(__name__)
+_EVAL_STAGES = ("validate", "test", "predict")
+
+
+class TierCacheCallback(Callback):
+    r"""Tiered memory for fine-tuning and eval: activation offload, OOM recovery, a tiered KV cache, telemetry.
+
+    One :class:`~lightning_tiercache.TierStore` per process (per rank, each with a private spill folder) lives
+    from ``setup`` to ``teardown``. During ``fit`` saved activations go to the store; in every stage an OOM
+    strategy hook splits and retries a step that ran out of memory; in eval stages a
+    :class:`~lightning_tiercache.TieredKVCache` serves repeated prompt prefixes, and HF models inside the
+    module use it in ``generate``. The module reaches the cache as
+    ``TierCacheCallback.get(self.trainer).kv_cache``. Teardown and exceptions release everything and delete
+    the spill files. With no arguments it sizes the tiers from what this machine has free.
+
+    Args:
+        device_bytes: device-tier budget (``"8GiB"`` or bytes); ``None``: half of the free CUDA memory, or a
+            quarter of available RAM on a CPU-only machine.
+        host_bytes: host-tier budget; ``None``: half of available RAM.
+        disk_bytes: disk-tier budget; ``0`` turns spilling off; ``None``: half of the free disk.
+        spill_dir: parent of each rank's private spill folder; ``None``: the system temp dir.
+        codec: spill codec, one of :data:`lightning_tiercache.config.CODECS` (all lossless).
+        policy: eviction policy name (``lru``, ``lfu``, ``s3fifo`` or a registered one).
+        io_threads: disk I/O threads per rank.
+        offload_activations: offload saved activations to the store during ``fit``.
+        min_offload_bytes: activations smaller than this stay where they are.
+        offload_keep_tail_bytes: bytes at the end of the forward kept resident (``None``: from measurement).
+        oom_recovery: split and retry steps that run out of memory (train, validate, test, predict).
+        oom_initial_micro_batches: micro-batches per step before any OOM.
+        oom_max_micro_batches: most micro-batches a batch is split into.
+        oom_grow_back_after_steps: good steps after which half as many micro-batches are tried (0: never).
+        oom_loss_reduction: ``"mean"`` or ``"sum"``: how the step's loss is reduced over samples.
+        oom_split_eval: also split and retry validation, test and predict steps.
+        split_fn: ``split_fn(batch, n)`` for batch types the built-in rules do not split.
+        merge_fn: ``merge_fn(outputs, sizes)`` for eval outputs the built-in rules do not merge.
+        kv_cache: HF models in the module use a tiered KV cache with prefix reuse in ``generate``.
+        kv_block_tokens: tokens per prefix block (the unit of reuse).
+        kv_offload: also tier the K/V working set (device holds ``kv_device_layers`` layers).
+        kv_device_layers: layers assembled on the device when ``kv_offload`` is on.
+        kv_persist_dir: folder where prefix blocks survive process restarts (``None``: off).
+        kv_quant: codec of stored prefix blocks: ``none`` (exact), ``int8`` or ``int4`` (lossy).
+        kv_model_version: names the weights in block keys; ``None``: a fingerprint of the weights, plus the
+            global step during ``fit``.
+        log_every_n_steps: log telemetry every this many steps; ``None``: the Trainer's ``log_every_n_steps``.
+        progress_bar: show a short summary (``tc_hit``, ``tc_dev``, ``tc_mb``) on the progress bar.
+        wandb_extras: with a ``WandbLogger``, define metric summaries and log the ``tiercache/events`` table.
+
+    Raises:
+        ValueError: a size, name or count is invalid (the message names the argument and the valid values).
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[TierCacheCallback(host_bytes="16GiB")], logger=WandbLogger())
+        trainer.fit(model, datamodule)
+
+    Logged keys (every ``log_every_n_steps`` batches and at the end of each stage, through ``trainer.loggers``,
+    reduced across ranks; :data:`lightning_tiercache.telemetry.METRICS` is the full table with units and
+    reductions): ``tiercache/{device,host,disk}/{bytes,entries,budget_use,peak_bytes}``, ``tiercache/hit_rate``,
+    ``tiercache/prefetch/{wait_share,wait_p50_s,wait_p95_s,wait_s}``,
+    ``tiercache/bandwidth/{to_device,to_host,to_disk,from_disk}_bytes_per_s``, ``tiercache/spills``,
+    ``tiercache/evictions``, ``tiercache/drops``, ``tiercache/disk_errors_recovered``, ``tiercache/ranks``,
+    ``tiercache/host_ram/{rss_bytes,available_bytes}``,
+    ``tiercache/device_memory/{allocated_bytes,reserved_bytes,alloc_retries}`` (CUDA),
+    ``tiercache/activations/{offloaded_bytes,unpack_wait_share,unpack_wait_s,prefetch_lead}`` (fit),
+    ``tiercache/oom/{retries,micro_batches}``, ``tiercache/kv/{hit_rate,hit_tokens,blocks,evictions}`` (eval),
+    and with W&B the ``tiercache/events`` table.
+    """
+
+    def __init__(
+        self,
+        *,
+        device_bytes: int | str | None = None,
+        host_bytes: int | str | None = None,
+        disk_bytes: int | str | None = None,
+        spill_dir: str | None = None,
+        codec: str = "auto",
+        policy: str = "lru",
+        io_threads: int = 2,
+        offload_activations: bool = True,
+        min_offload_bytes: int | str = "64KiB",
+        offload_keep_tail_bytes: int | str | None = None,
+        oom_recovery: bool = True,
+        oom_initial_micro_batches: int = 1,
+        oom_max_micro_batches: int = 1024,
+        oom_grow_back_after_steps: int = 100,
+        oom_loss_reduction: str = "mean",
+        oom_split_eval: bool = True,
+        split_fn: Callable[[Any, int], list[Any]] | None = None,
+        merge_fn: Callable[[list[Any], list[int]], Any] | None = None,
+        kv_cache: bool = True,
+        kv_block_tokens: int = 64,
+        kv_offload: bool = False,
+        kv_device_layers: int = 1,
+        kv_persist_dir: str | None = None,
+        kv_quant: str = "none",
+        kv_model_version: str | None = None,
+        log_every_n_steps: int | None = None,
+        progress_bar: bool = True,
+        wandb_extras: bool = True,
+    ) -> None:
+        # Validate now (not at setup), so a bad YAML fails before the run starts.
+        tier_config = TierConfig(
+            device_bytes=device_bytes, host_bytes=host_bytes, disk_bytes=disk_bytes, spill_dir=spill_dir,
+            codec=codec, policy=policy, io_threads=io_threads,
+        )  # fmt: skip
+        offload: dict[str, Any] = {"min_bytes": parse_bytes(min_offload_bytes, "min_offload_bytes")}
+        if offload_keep_tail_bytes is not None:
+            offload["keep_tail_bytes"] = parse_bytes(offload_keep_tail_bytes, "offload_keep_tail_bytes")
+        oom = oom_config(
+            enabled=oom_recovery, initial_micro_batches=oom_initial_micro_batches,
+            max_micro_batches=oom_max_micro_batches, grow_back_after_steps=oom_grow_back_after_steps,
+            loss_reduction=oom_loss_reduction, split_eval=oom_split_eval, split_fn=split_fn, merge_fn=merge_fn,
+        )  # fmt: skip
+        kv = kv_config(
+            kv_cache, block_tokens=kv_block_tokens, offload=kv_offload, device_layers=kv_device_layers,
+            persist_dir=kv_persist_dir, quant=kv_quant,
+        )  # fmt: skip
+        if log_every_n_steps is not None and (
+            isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1
+        ):
+            raise ValueError(f"log_every_n_steps={log_every_n_steps!r} must be an int >= 1 or None")
+        self.runtime = TierRuntime(
+            tier_config, offload=offload if offload_activations else None, oom=oom, kv=kv,
+            kv_model_version=kv_model_version,
+        )  # fmt: skip
+        self.log_every_n_steps = log_every_n_steps
+        self.progress_bar = progress_bar
+        self.wandb_extras = wandb_extras
+        self.telemetry: Telemetry | None = None
+        self.last_metrics: dict[str, float] = {}
+        self._wandb: Any = None
+        self._state: dict[str, Any] = {}
+        self._stage: str | None = None
+        self._eval_batches = 0
+        self._last_logged: tuple[str, int] | None = None
+
+    @property
+    def store(self) -> TierStore | None:
+        """This rank's store (between ``setup`` and ``teardown``)."""
+        return self.runtime.store
+
+    @property
+    def kv_cache(self) -> Any:
+        """The ``generate`` hook of the module's HF models (``make_cache(model)`` gives a cache), or ``None``."""
+        return self.runtime.kv
+
+    @staticmethod
+    def get(trainer: pl.Trainer) -> TierCacheCallback:
+        """The trainer's ``TierCacheCallback`` (for ``self.trainer`` in a LightningModule).
+
+        Raises:
+            LookupError: the trainer has no ``TierCacheCallback``.
+        """
+        for cb in trainer.callbacks:  # type: ignore[attr-defined]
+            if isinstance(cb, TierCacheCallback):
+                return cb
+        raise LookupError("the trainer has no TierCacheCallback; add one: Trainer(callbacks=[TierCacheCallback()])")
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._stage = stage
+        device = trainer.strategy.root_device
+        self.runtime.open(device, pl_module, train=stage == "fit", state=self._state)
+        if self.runtime.hook is not None:
+            self.runtime.hook.install(trainer)
+        every = self.log_every_n_steps or max(1, int(getattr(trainer, "log_every_n_steps", 50) or 1))
+        self.telemetry = Telemetry(every, device=device)
+        if self.wandb_extras and trainer.is_global_zero:
+            from lightning_tiercache.wandb_support import find_wandb_logger
+
+            wandb_logger = find_wandb_logger(trainer.loggers)
+            if wandb_logger is not None:
+                from lightning_tiercache.wandb_support import WandbBridge
+
+                self._wandb = WandbBridge(wandb_logger)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._release()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._release()
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {**self._state, **self.runtime.state_dict()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Note: [restore after setup] Lightning restores callback state after ``setup``: the parts exist and
+        # take it now; a later ``setup`` (the next trainer call) starts from it too.
+        self._state = dict(state_dict)
+        self.runtime.load_state_dict(state_dict)
+
+    # ------------------------------------------------------------------ stage and batch boundaries
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.runtime.set_weights_version(pl_module, trainer.global_step)
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.runtime.set_weights_version(pl_module, trainer.global_step if self._stage == "fit" else None)
+
+    @override
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.runtime.set_weights_version(pl_module, None)
+
+    @override
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.runtime.set_weights_version(pl_module, None)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self.runtime.batch_start(batch, eval=False)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.runtime.set_weights_version(pl_module, trainer.global_step)  # KV of older weights is never served
+        # Lightning logs this batch's metrics at ``_batches_that_stepped`` before it increments; match it.
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        self._maybe_log(trainer, pl_module, "train", step, step)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log_now(trainer, "train", trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+    def _eval_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule | None, stage: str) -> None:
+        if trainer.sanity_checking:
+            return
+        self._eval_batches += 1
+        if self._stage != "fit":  # validation inside fit logs once, at its end, at the training step
+            self._maybe_log(trainer, pl_module, stage, self._eval_batches - 1, self._eval_batches - 1)
+
+    @override
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self.runtime.batch_start(batch, eval=True)
+
+    @override
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._eval_end(trainer, pl_module, "validate")
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            step = trainer.fit_loop.epoch_loop._batches_that_stepped if self._stage == "fit" else self._eval_batches
+            self._log_now(trainer, "validate", step)
+
+    @override
+    def on_test_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self.runtime.batch_start(batch, eval=True)
+
+    @override
+    def on_test_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._eval_end(trainer, pl_module, "test")
+
+    @override
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log_now(trainer, "test", self._eval_batches)
+
+    @override
+    def on_predict_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self.runtime.batch_start(batch, eval=True)
+
+    @override
+    def on_predict_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._eval_end(trainer, None, "predict")  # self.log is not allowed in predict
+
+    @override
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log_now(trainer, "predict", self._eval_batches)
+
+    # ------------------------------------------------------------------ telemetry
+
+    def _maybe_log(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule | None, stage: str, index: int, step: int
+    ) -> None:
+        if self.telemetry is None or not self.telemetry.due(index):
+            return
+        self._log_now(trainer, stage, step)
+        # The progress bar keeps the last values shown, so refreshing them on logging steps is enough.
+        if self.progress_bar and pl_module is not None and self.telemetry.last:
+            last = self.telemetry.last
+            bar = {
+                "tc_hit": last.get("tiercache/hit_rate", 1.0),
+                "tc_dev": last.get("tiercache/device/budget_use", 0.0),
+            }
+            if "tiercache/oom/micro_batches" in last:
+                bar["tc_mb"] = last["tiercache/oom/micro_batches"]
+            for name, value in bar.items():
+                pl_module.log(
+                    name, float(value), prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=1
+                )
+
+    def _log_now(self, trainer: pl.Trainer, stage: str, step: int) -> None:
+        """Sample, reduce across ranks (a collective: every rank gets here at the same step) and log."""
+        if self.telemetry is None or self.store is None or self._last_logged == (stage, step):
+            return
+        self._last_logged = (stage, step)
+        rt = self.runtime
+        train = stage == "train"
+        values = self.telemetry.sample(
+            rt.store,
+            activations=rt.offloader if train else None,
+            oom=rt.hook,
+            kv=None if train else rt.kv,
+            oom_prefix="" if train else "eval_",
+        )
+        reduced = self.telemetry.reduce(values)
+        self.last_metrics.update(reduced)
+        self.telemetry.log(trainer.loggers, reduced, step)
+        for source, event in rt.drain_events():
+            log.info("tiercache %s event at step %d: %s %s", source, step, event.get("event"), event.get("detail"))
+            if self._wandb is not None:
+                self._wandb.add_events([event], step=step, source=source, rank=trainer.global_rank)
+
+    # ------------------------------------------------------------------ release
+
+    def _release(self) -> None:
+        """Close every part and the store (spill files deleted); keep the state for a later stage."""
+        self._state = self.state_dict()
+        self._last_logged = None
+        self._eval_batches = 0
+        wandb_bridge, self._wandb = self._wandb, None
+        try:
+            self.runtime.close()
+        finally:
+            if wandb_bridge is not None:
+                wandb_bridge.flush()
