@@ -20,14 +20,14 @@ __all__ = ["PANELS", "find_metrics_csv", "load_history", "main", "render"]
 #: What each panel draws: (title, y label, keys).
 PANELS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     (
-        "peak bytes per tier (so far)",
+        "peak bytes per tier (per logging window)",
         "MiB",
         ("tiercache/device/peak_bytes", "tiercache/host/peak_bytes", "tiercache/disk/peak_bytes"),
     ),
     (
-        "bytes per tier at batch boundaries",
-        "MiB",
-        ("tiercache/device/bytes", "tiercache/host/bytes", "tiercache/disk/bytes"),
+        "budget use per tier (window peak / budget)",
+        "ratio",
+        ("tiercache/device/budget_use", "tiercache/host/budget_use", "tiercache/disk/budget_use"),
     ),
     ("hit rate", "ratio", ("tiercache/hit_rate", "tiercache/prefetch/wait_share", "tiercache/kv/hit_rate")),
     ("prefetch waits", "ms", ("tiercache/prefetch/wait_p50_s", "tiercache/prefetch/wait_p95_s")),

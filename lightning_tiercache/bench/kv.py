@@ -30,13 +30,13 @@ from lightning_tiercache.store import TierStore
 __all__ = ["main"]
 
 
-def _model(full: bool, device: torch.device) -> Any:
+def _model(full: bool, device: torch.device, layers: int | None = None) -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     width = 1024 if full else 256
     cfg = LlamaConfig(
-        vocab_size=4096, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=8 if full else 4,
+        vocab_size=4096, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers or (8 if full else 4),
         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=8192,
     )  # fmt: skip
     model: Any = LlamaForCausalLM(cfg)
@@ -144,6 +144,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--question", type=int, default=64)
     p.add_argument("--new", type=int, default=32)
     p.add_argument("--block", type=int, default=64)
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (default 4, 8 with --full)")
     args = p.parse_args(argv)
     torch.set_grad_enabled(False)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -151,7 +152,7 @@ def main(argv: list[str]) -> int:
         args.prompts, args.prefix, args.batch = 64, 1024, 16
     repeats = args.repeats or 3
     _Variant.new = args.new
-    model = _model(args.full, device)
+    model = _model(args.full, device, args.layers)
     batches = _workload(args, device)
     layers = model.config.num_hidden_layers
     dyn_bytes = args.batch * layers * 2 * model.config.hidden_size * (args.prefix + args.question + args.new) * 4
