@@ -174,7 +174,7 @@ class ActivationOffloader:
         self._done: list[ForwardPass] = []
         self._counts: collections.Counter[str] = collections.Counter()
         self._times: dict[str, float] = {"unpack_wait_s": 0.0, "unpack_wait_max_s": 0.0}
-        self._param_ptrs: frozenset[int] = frozenset()
+        self._param_ptrs: frozenset[int] | None = frozenset()  # None: collect on first need this forward
         self._dtype_ok: dict[torch.dtype, bool] = {}
         self._warned_compile = False
         self._last_store: dict[str, Any] | None = None
@@ -187,9 +187,9 @@ class ActivationOffloader:
     def __enter__(self) -> ActivationOffloader:
         self._drain()
         self._plan()
-        if self.module is not None:
-            tensors = [*self.module.parameters(), *self.module.buffers()]
-            self._param_ptrs = frozenset(t.untyped_storage().data_ptr() for t in tensors if t.numel())
+        # Parameter storages can move between steps (resharding, .to()): collected again per forward, lazily,
+        # so a forward that saves only small tensors pays nothing for it.
+        self._param_ptrs = None if self.module is not None else frozenset()
         hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
         hooks.__enter__()
         self._stack().append((hooks, ForwardPass()))
@@ -290,22 +290,25 @@ class ActivationOffloader:
         return moved
 
     def _skip_reason(self, t: torch.Tensor) -> str | None:
-        if torch.compiler.is_compiling():
-            self._warn_compile()
-            return "other"
         if isinstance(t, torch.nn.Parameter):
             return "params"
         if type(t) not in _PLAIN or t.layout != torch.strided or t.is_quantized or t.is_nested:
             return "other"
+        if t.numel() * t.element_size() < self._min_bytes:
+            return "small"  # the common case first: nothing below needs checking
+        if torch.compiler.is_compiling():
+            self._warn_compile()
+            return "other"
         if t.is_conj() or t.is_neg() or not self._on_store_device(t.device) or not self._storable(t.dtype):
             return "other"
-        if t.numel() * t.element_size() < self._min_bytes:
-            return "small"
         if t.requires_grad and t.is_leaf:
             return "params"
         base = t._base
         if base is not None and (isinstance(base, torch.nn.Parameter) or (base.is_leaf and base.requires_grad)):
             return "params"
+        if self._param_ptrs is None:
+            tensors = [*self.module.parameters(), *self.module.buffers()] if self.module is not None else []
+            self._param_ptrs = frozenset(x.untyped_storage().data_ptr() for x in tensors if x.numel())
         if self._param_ptrs and t.untyped_storage().data_ptr() in self._param_ptrs:
             return "params"
         return None
