@@ -34,6 +34,9 @@ SCRIPT = textwrap.dedent(
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )
     trainer.fit(Wide())
+    if torch.distributed.is_initialized():  # before exit: gloo's threads otherwise race the interpreter exit
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     """
 )
 

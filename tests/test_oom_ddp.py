@@ -149,6 +149,11 @@ def _worker(out_dir: Path) -> None:  # pragma: no cover - runs in subprocesses
             },
             out_dir / f"{phase}-{'-'.join(map(str, ranks))}-{rank}.pt",
         )
+    # Tear the process group down before interpreter exit: gloo's threads otherwise race the exit and can
+    # abort the process ("terminate called without an active exception") after all work succeeded.
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
