@@ -206,6 +206,11 @@ class StepHook:
         freed += self.store.demote(Tier.DEVICE)
         return freed
 
+    def _installed_trainer(self) -> pl.Trainer:
+        if self._trainer is None:
+            raise RuntimeError("StepHook is not installed: call hook.install(trainer) first")
+        return self._trainer
+
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
@@ -220,8 +225,7 @@ class StepHook:
 
     def _save(self) -> Any:
         """Snapshot what a step may log or accumulate: the trainer's logged results and module metrics."""
-        trainer = self._trainer
-        assert trainer is not None  # installed
+        trainer = self._installed_trainer()
         from torchmetrics import Metric
 
         metrics = [m for m in trainer.lightning_module.modules() if isinstance(m, Metric)]
@@ -270,8 +274,7 @@ class StepHook:
     def _training_step(
         self, original: Callable[..., Any], backward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
-        trainer = self._trainer
-        assert trainer is not None  # installed
+        trainer = self._installed_trainer()
         module = trainer.lightning_module
         self._stage = "train"
         if self._pending is not None:
@@ -328,7 +331,8 @@ class StepHook:
             )
         finally:
             self._set_log_batch(batch)
-        assert result.grads is not None  # combine=False
+        if result.grads is None:  # run_train(combine=False) always returns the step's grads
+            raise RuntimeError("tiercache oom: the micro-batch runner returned no gradients")
         if all(o is None for o in result.outputs):
             return None
         self._pending = _Pending(params, result.grads, ddp, must_sync)

@@ -195,7 +195,7 @@ class TierStore:
         found with :meth:`lookup`; a new entry with the same key replaces the old one.
 
         Raises:
-            TypeError: ``tensor`` is not a tensor, or is sparse, or needs grad.
+            TypeError: ``tensor`` is not a tensor, or is not a dense (strided) tensor.
             ValueError: ``tensor`` is on a device this store does not serve.
         """
         if not isinstance(tensor, torch.Tensor):
