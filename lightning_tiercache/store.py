@@ -163,7 +163,9 @@ class TierStore:
         self._warned: set[str] = set()
         self._io = cf.ThreadPoolExecutor(self.config.io_threads, thread_name_prefix="tiercache-io")
         self._fence = cf.ThreadPoolExecutor(1, thread_name_prefix="tiercache-fence")
-        self._orphans: list[cf.Future[None]] = []  # moves of freed entries, and buffer recycling
+        # Every background job not yet finished (moves, buffer recycling), so settle() costs O(jobs).
+        self._inflight: set[cf.Future[None]] = set()
+        self._inflight_lock = threading.Lock()  # taken inside self._lock or alone, never the other way round
         self._dropped_ids: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._closed = False
 
@@ -378,10 +380,8 @@ class TierStore:
         """Wait until no move is in flight (moves that start meanwhile are waited for too)."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
-            with self._lock:
-                pending = [e.move for e in self._entries.values() if e.move is not None]
-                pending += self._orphans
-                self._orphans = [f for f in self._orphans if not f.done()]
+            with self._inflight_lock:
+                pending = list(self._inflight)
             if not pending:
                 return
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -588,7 +588,6 @@ class TierStore:
             if len(self._dropped_ids) > 65536:
                 self._dropped_ids.popitem(last=False)
         if e.move is not None:
-            self._orphans.append(e.move)
             return  # the move's completion releases both ends
         self._release(e, e.tier)
 
@@ -619,13 +618,13 @@ class TierStore:
         e.move_to = dst
         self._leaving[src] += e.nbytes
         if dst is Tier.DISK:
-            e.move = self._io.submit(self._write_job, e, src)
+            e.move = self._submit(self._io, self._write_job, e, src)
         elif src is Tier.DISK:
-            e.move = self._io.submit(self._read_job, e, dst)
+            e.move = self._submit(self._io, self._read_job, e, dst)
         elif dst is Tier.HOST:  # CUDA device -> pinned host
             data = typing.cast(torch.Tensor, e.data)
             host, done, buf = self._link.to_host(data, e.event)
-            e.move = self._fence.submit(self._fence_job, e, src, dst, host, buf, done)
+            e.move = self._submit(self._fence, self._fence_job, e, src, dst, host, buf, done)
         else:  # CUDA pinned host -> device: launch now, fence lazily on the consumer's stream
             data = typing.cast(torch.Tensor, e.data)
             dev, done = self._link.to_device(data)
@@ -635,7 +634,19 @@ class TierStore:
             e.move_to = None
             self._finish(e, src, dst, dev, None, done)
             if old_buf is not None:
-                self._orphans.append(self._fence.submit(self._recycle_job, old_buf, done))
+                self._submit(self._fence, self._recycle_job, old_buf, done)
+
+    def _submit(self, pool: cf.ThreadPoolExecutor, fn: Callable[..., None], *args: Any) -> cf.Future[None]:
+        """Run ``fn`` in ``pool`` and track it until it finished (for :meth:`settle`)."""
+        fut = pool.submit(fn, *args)
+        with self._inflight_lock:
+            self._inflight.add(fut)
+        fut.add_done_callback(self._untrack)  # runs at once, here, if it already finished
+        return fut
+
+    def _untrack(self, fut: cf.Future[None]) -> None:
+        with self._inflight_lock:
+            self._inflight.discard(fut)
 
     def _finish(
         self, e: _Entry, src: Tier, dst: Tier, data: torch.Tensor | None, buf: torch.Tensor | None, event: Any
