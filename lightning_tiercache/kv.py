@@ -234,9 +234,8 @@ class TieredKVCache(Cache):
         t = self._persist.load(key, layer, shape, dtype)
         if t is None:
             return None
-        device = _model_device(self._model)
-        if device is not None:
-            t = t.to(device)
+        device = _model_device(self._model) or self.store.device  # a config alone names no device
+        t = t.to(device)
         return self.store.put(t, kind=Kind.CACHE, key=name)
 
     def _hit_run(self, keys: list[str], usable: int, layers: int, load: bool) -> list[list[Handle]]:

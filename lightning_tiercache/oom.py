@@ -51,6 +51,7 @@ LOSS_REDUCTIONS = ("mean", "sum")
 # other accelerators, the CPU allocator, and cuDNN/cuBLAS failing to allocate workspace under pressure.
 _OOM_MESSAGES = (
     "CUDA out of memory",
+    "CUDA error: out of memory",  # torch.AcceleratorError from cudaHostAlloc, cuBLAS handles, workspaces
     "HIP out of memory",
     "XPU out of memory",
     "MPS backend out of memory",

@@ -9,6 +9,11 @@ Concurrency: one lock guards the entry table, budgets and policies, and is never
 Disk reads and writes run in a small pool of named I/O threads; CUDA copies run on side streams (see
 :mod:`lightning_tiercache.tiers.device`). Each entry has at most one move in flight, and ``get`` waits only
 for that move.
+
+Note: [pool reuse]
+    On CUDA the host tier's bytes live in pinned pool buffers. An upload from such a buffer is queued on a
+    side stream; the buffer goes back to the pool (where the next download may overwrite it) only after
+    every upload that reads it has completed, tracked by ``_Entry.reader`` and the recycle jobs.
 """
 
 from __future__ import annotations
@@ -84,6 +89,7 @@ class _Entry:
     tier: Tier
     data: torch.Tensor | None = None
     buf: torch.Tensor | None = None  # pinned pool buffer backing ``data`` in the host tier
+    reader: Any = None  # CUDA event of the last upload that reads ``buf`` (it goes back to the pool after it)
     event: Any = None  # CUDA event after which ``data`` is valid
     move: cf.Future[None] | None = None
     move_to: Tier | None = None
@@ -254,6 +260,13 @@ class TierStore:
                         self._counts["gets"] += 1
                         self._counts["hits" if not waited else "gets_after_wait"] += 1
                         data, event = e.data, e.event
+                        if data.device != e.device:
+                            # Note: [pool reuse] upload now, while the entry is pinned, and keep the pool
+                            # buffer out of the pool until this upload has read it.
+                            data, event = self._link.to_device(data)
+                            self._counts["bytes_to_device"] += e.nbytes
+                            if e.buf is not None:
+                                e.reader = event
                         break
                     target = self._promotion_target(e) if e.move is None else None
                     if e.move is None and target is not None:
@@ -279,7 +292,7 @@ class TierStore:
                 self._counts["waits"] += 1
                 self._busy_s["wait"] += waited
                 self._waits.append(waited)
-        if data.device != e.device:
+        if data.device != e.device:  # read through from disk: not in any pool
             data, event = self._link.to_device(data)
         return self._link.hand_over(data, event)
 
@@ -294,7 +307,10 @@ class TierStore:
                 target = self._promotion_target(e)
                 if target is not None:
                     self._counts["prefetches"] += 1
-                    self._start_move(e, target)
+                    try:
+                        self._start_move(e, target)
+                    except (torch.OutOfMemoryError, RuntimeError):  # best effort: get() will try again
+                        log.debug("prefetch of entry %d failed; it stays in %s", e.id, e.tier.label)
 
     def free(self, handle: Handle) -> None:
         """Forget an entry and release its bytes in every tier. Freeing twice is a no-op."""
@@ -412,7 +428,7 @@ class TierStore:
                 "puts", "put_bytes", "gets", "hits", "hits_in_flight", "gets_after_wait", "prefetches",
                 "waits", "evictions", "drops", "spills", "spill_bytes", "spill_file_bytes", "reads", "read_bytes",
                 "bytes_to_host", "bytes_to_device", "disk_full", "disk_errors", "corrupt", "missing",
-                "overcommits", "promotions", "lookup_hits", "lookup_misses", "demote_calls",
+                "overcommits", "promotions", "move_errors", "lookup_hits", "lookup_misses", "demote_calls",
             ):  # fmt: skip
                 out[name] = self._counts[name]
             out["wait_s"] = self._busy_s["wait"]
@@ -543,7 +559,10 @@ class TierStore:
                     stuck.add(i)
                 continue
             self._counts["evictions"] += 1
-            self._start_move(e, dst)
+            try:
+                self._start_move(e, dst)
+            except (torch.OutOfMemoryError, RuntimeError):
+                stuck.add(i)  # could not allocate the copy's target: leave it where it is
 
     def _make_disk_room(self, nbytes: int) -> None:
         """Drop cache entries from disk (the bottom tier) until ``nbytes`` more fit, if possible."""
@@ -596,11 +615,20 @@ class TierStore:
         self._used[tier] -= e.nbytes
         if tier is Tier.DISK and self._spill is not None:
             self._spill.file(e.id).unlink(missing_ok=True)
-        elif tier is Tier.HOST and e.buf is not None and self._pool is not None:
-            self._pool.give(e.buf)
-            e.buf = None
+        elif tier is Tier.HOST:
+            self._give_buf(e)
         if tier is not Tier.DISK:
             e.data = None
+
+    def _give_buf(self, e: _Entry) -> None:
+        """Return ``e``'s pool buffer once no queued upload reads it any more (lock held)."""
+        buf, reader, e.buf, e.reader = e.buf, e.reader, None, None
+        if buf is None or self._pool is None:
+            return
+        if reader is None or reader.query():
+            self._pool.give(buf)
+        else:
+            self._submit(self._fence, self._recycle_job, buf, reader)
 
     # ------------------------------------------------------------------ moves
 
@@ -617,24 +645,32 @@ class TierStore:
             return
         e.move_to = dst
         self._leaving[src] += e.nbytes
-        if dst is Tier.DISK:
-            e.move = self._submit(self._io, self._write_job, e, src)
-        elif src is Tier.DISK:
-            e.move = self._submit(self._io, self._read_job, e, dst)
-        elif dst is Tier.HOST:  # CUDA device -> pinned host
+        try:
+            if dst is Tier.DISK:
+                e.move = self._submit(self._io, self._write_job, e, src)
+                return
+            if src is Tier.DISK:
+                e.move = self._submit(self._io, self._read_job, e, dst)
+                return
             data = typing.cast(torch.Tensor, e.data)
-            host, done, buf = self._link.to_host(data, e.event)
-            e.move = self._submit(self._fence, self._fence_job, e, src, dst, host, buf, done)
-        else:  # CUDA pinned host -> device: launch now, fence lazily on the consumer's stream
-            data = typing.cast(torch.Tensor, e.data)
+            if dst is Tier.HOST:  # CUDA device -> pinned host
+                host, done, buf = self._link.to_host(data, e.event)
+                e.move = self._submit(self._fence, self._fence_job, e, src, dst, host, buf, done)
+                return
+            # CUDA pinned host -> device: launch now, fence lazily on the consumer's stream
             dev, done = self._link.to_device(data)
-            self._counts["bytes_to_device"] += e.nbytes
-            old_buf, e.buf = e.buf, None
-            self._leaving[src] -= e.nbytes
-            e.move_to = None
-            self._finish(e, src, dst, dev, None, done)
-            if old_buf is not None:
-                self._submit(self._fence, self._recycle_job, old_buf, done)
+        except Exception:
+            # An allocation failed (device OOM, no pinned memory): nothing moved, accounting is undone.
+            self._fail(e, src, dst)
+            self._counts["move_errors"] += 1
+            raise
+        self._counts["bytes_to_device"] += e.nbytes
+        old_buf, reader, e.buf, e.reader = e.buf, e.reader, None, None
+        self._leaving[src] -= e.nbytes
+        e.move_to = None
+        self._finish(e, src, dst, dev, None, done)
+        if old_buf is not None:  # Note: [pool reuse] after this copy and any earlier upload read it
+            self._submit(self._fence, self._recycle_job, old_buf, done, reader)
 
     def _submit(self, pool: cf.ThreadPoolExecutor, fn: Callable[..., None], *args: Any) -> cf.Future[None]:
         """Run ``fn`` in ``pool`` and track it until it finished (for :meth:`settle`)."""
@@ -661,8 +697,8 @@ class TierStore:
             return
         if src is Tier.DISK and self._spill is not None:
             self._spill.file(e.id).unlink(missing_ok=True)
-        if src is Tier.HOST and e.buf is not None and self._pool is not None and buf is not e.buf:
-            self._pool.give(e.buf)
+        if src is Tier.HOST and buf is not e.buf:
+            self._give_buf(e)
         self._used[src] -= e.nbytes
         self._policies[src].remove(e.id)
         e.tier = dst
@@ -770,7 +806,7 @@ class TierStore:
         buf = None
         if dst is Tier.DEVICE and self._link.is_cuda:
             host, event = self._link.to_device(host)
-        elif self._pool is not None and host.numel():
+        elif self._pool is not None and host.numel() and e.top is Tier.DEVICE:
             buf = self._pool.take(e.nbytes)
             pinned = buf[: e.nbytes].view(host.dtype).view(host.shape)
             pinned.copy_(host)
@@ -811,7 +847,8 @@ class TierStore:
             self._leaving[src] -= e.nbytes
             self._finish(e, src, dst, host, buf, None)
 
-    def _recycle_job(self, buf: torch.Tensor, done: Any) -> None:
-        self._link.wait(done)
+    def _recycle_job(self, buf: torch.Tensor, *events: Any) -> None:
+        for event in events:
+            self._link.wait(event)
         if self._pool is not None:
             self._pool.give(buf)

@@ -61,6 +61,7 @@ def test_config_rejects_bad_values_naming_the_field(kw, match):
         (RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory: you tried to allocate 9"), True),
         (RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed in"), True),
         (RuntimeError("wrapped by a library: CUDA out of memory. Tried to allocate 1 GiB"), True),
+        (RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported"), True),
         (RuntimeError("shape mismatch"), False),
         (ValueError("CUDA out of memory"), False),
         (KeyError("x"), False),

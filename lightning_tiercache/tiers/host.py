@@ -3,17 +3,49 @@
 from __future__ import annotations
 
 import bisect
+import logging
 import threading
+import weakref
 
 import torch
 
 __all__ = ["PinnedPool"]
 
+log = logging.getLogger(__name__)
+
+
+def _unregister(ptr: int) -> None:
+    try:
+        torch.cuda.cudart().cudaHostUnregister(ptr)
+    except Exception:  # interpreter shutdown or CUDA already torn down: the OS reclaims it anyway
+        log.debug("cudaHostUnregister(%#x) failed", ptr)
+
+
+def _pinned_empty(nbytes: int) -> torch.Tensor:
+    """``nbytes`` of page-locked memory, exactly.
+
+    ``torch.empty(..., pin_memory=True)`` goes through PyTorch's caching host allocator, which rounds each
+    request up to a power of two and keeps freed blocks pinned; registering an ordinary allocation with
+    ``cudaHostRegister`` pins exactly what was asked and unpins it when the buffer is collected. Falls back
+    to ``pin_memory=True`` where registration is not available.
+    """
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    try:
+        err = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), nbytes, 0)
+        ok = int(err) == 0
+    except Exception:
+        ok = False
+    if not ok:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    weakref.finalize(buf, _unregister, buf.data_ptr())
+    return buf
+
 
 class PinnedPool:
     """Reuses pinned ``uint8`` buffers. A request takes the smallest cached buffer that is at least its size
     and at most ``slack`` times it; otherwise it allocates exactly what was asked (no power-of-two rounding).
-    Cached (idle) bytes are kept under ``max_idle_bytes``, oldest sizes released first.
+    Cached (idle) bytes are kept under ``max_idle_bytes``, smallest buffers released first. Pinned buffers
+    are registered with ``cudaHostRegister`` (exact sizes), falling back to PyTorch's pinned allocator.
     """
 
     def __init__(self, max_idle_bytes: int, slack: float = 1.25, pin: bool = True) -> None:
@@ -37,7 +69,7 @@ class PinnedPool:
                 self.reused += 1
                 return self._idle[size].pop()
             self.allocated += 1
-        return torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=self._pin)
+        return _pinned_empty(max(nbytes, 1)) if self._pin else torch.empty(max(nbytes, 1), dtype=torch.uint8)
 
     def give(self, buf: torch.Tensor) -> None:
         """Return a buffer from :meth:`take`. Callers must have finished every copy that reads it."""
