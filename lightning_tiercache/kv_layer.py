@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import inspect
 import logging
 import os
 from typing import Any
@@ -23,6 +24,9 @@ from transformers.cache_utils import DynamicLayer
 
 from lightning_tiercache.quant import QUANT_MODES
 from lightning_tiercache.store import Handle, Kind, TierStore
+
+# transformers 4.5x: lazy_initialization(key_states); 5.x: lazy_initialization(key_states, value_states).
+_LAZY_INIT_TAKES_VALUES = len(inspect.signature(DynamicLayer.lazy_initialization).parameters) >= 3
 
 __all__ = ["KVConfig", "TieredLayer", "cache_kwarg"]
 
@@ -240,10 +244,20 @@ class TieredLayer(DynamicLayer):
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._rewrite(DynamicLayer.reorder_cache, beam_idx)
 
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor | None = None) -> None:
+        """Either transformers signature (4.5x passes the keys only)."""
+        if _LAZY_INIT_TAKES_VALUES:
+            super().lazy_initialization(key_states, key_states if value_states is None else value_states)
+        else:
+            super().lazy_initialization(key_states)  # type: ignore[call-arg]
+
     def reset(self) -> None:
         self._drop_blocks()
         self._full = None
         self._length = 0
+        # Emptied, not zeroed (older DynamicLayer.reset zeroes keys in place and keeps their length).
+        self.keys = self.values = None
+        self.is_initialized = False
         super().reset()
 
     def offload(self) -> None:  # HF's own offloading hooks: the store does this job
