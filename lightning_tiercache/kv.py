@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import importlib.metadata
+import inspect
 import typing
 import weakref
 from typing import Any
@@ -44,7 +45,7 @@ __all__ = ["KVConfig", "TieredKVCache", "cache_kwarg"]
 
 COUNTERS = (
     "hits", "misses", "hit_tokens", "lookups", "stored_blocks", "evicted_hits", "prefetched_blocks",
-    "prefetch_waits", "bytes_loaded", "bytes_offloaded",
+    "prefetch_waits", "bytes_loaded", "bytes_offloaded", "shared_prefill_blocks", "shared_prefill_tokens",
 )  # fmt: skip
 
 
@@ -284,6 +285,10 @@ class TieredKVCache(Cache):
         if self.layers and usable:
             runs = [self._hit_run(row, usable, len(self.layers), load=True) for row in keys]
             n = min(len(r) for r in runs)
+            shared = _shared_blocks(keys, attention_mask, blk, usable)
+            if shared > n and self._prefill_shared(input_ids[:1, : shared * blk], keys[0][:shared], runs[0][:n]):
+                runs = [self._hit_run(row, usable, len(self.layers), load=True) for row in keys]
+                n = min(len(r) for r in runs)
         self.counts["lookups"] += len(keys) * len(keys[0]) if keys else 0
         if n:
             n = self._serve([r[:n] for r in runs], n)
@@ -294,6 +299,38 @@ class TieredKVCache(Cache):
         self.counts["misses"] += sum(len(row) - n for row in keys)
         self._pending = _Pending(keys, n)
         return n * blk
+
+    def _prefill_shared(self, ids: torch.Tensor, keys: list[str], hit: list[list[Handle]]) -> bool:
+        """Compute and store the blocks of a prefix that every row of a batch shares, once, at batch 1.
+
+        Note: [shared prefill]
+            Rows of a batch that miss on the same leading blocks (same token ids, mask bits all 1) would each
+            prefill them. Instead, ``ids`` (``[1, blocks * block_tokens]``, the shared prefix of row 0) runs
+            through the model in this empty cache: its stored hit blocks ``hit`` are served first, exactly as
+            for any prompt, and the forward computes and stores the rest under the keys a normal prefill
+            uses. The cache is then reset, and every row is served the blocks as hits. Skipped for one row
+            (the normal prefill stores the same blocks at the same cost) and when the cache has no model.
+
+        Returns:
+            Whether a forward ran (the caller looks the blocks up again).
+        """
+        model = self._model
+        if ids.shape[0] != 1 or not isinstance(model, torch.nn.Module) or not keys:
+            return False
+        blk = self.config.block_tokens
+        served = self._serve([hit], len(hit)) if hit else 0
+        self._pending = _Pending([keys], served)
+        kwargs: dict[str, Any] = {cache_kwarg(model): self, "use_cache": True}
+        if "logits_to_keep" in inspect.signature(model.forward).parameters:
+            kwargs["logits_to_keep"] = 1  # only the K/V are wanted
+        try:
+            with torch.no_grad():
+                model(ids[:, served * blk :], **kwargs)
+        finally:
+            self.reset()  # frees the working blocks; the stored prefix blocks stay
+        self.counts["shared_prefill_blocks"] += len(keys) - served
+        self.counts["shared_prefill_tokens"] += (len(keys) - served) * blk
+        return True
 
     def _serve(self, runs: list[list[list[Handle]]], n: int) -> int:
         """Load ``n`` blocks of every row into the layers; returns how many could be served (see Note:
@@ -411,6 +448,24 @@ class TieredKVCache(Cache):
         if self._persist is not None:
             out.update(self._persist.counts)
         return out
+
+
+def _shared_blocks(keys: list[list[str]], attention_mask: torch.Tensor | None, blk: int, usable: int) -> int:
+    """How many leading blocks (at most ``usable``) are the same in every row, with mask bits all 1.
+
+    Keys chain the token ids and mask bits of every earlier block, so equal keys at block ``j`` mean equal
+    prefixes up to block ``j``. A single row shares nothing (see Note: [shared prefill]).
+    """
+    if len(keys) < 2:
+        return 0
+    m = 0
+    while m < usable and m < len(keys[0]) and all(len(row) > m and row[m] == keys[0][m] for row in keys):
+        m += 1
+    if m and attention_mask is not None:
+        zeros = attention_mask[:, : m * blk].eq(0).any(dim=0).nonzero()
+        if zeros.numel():
+            m = min(m, int(zeros[0, 0]) // blk)
+    return m
 
 
 def _model_device(model: Any) -> torch.device | None:

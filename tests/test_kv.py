@@ -6,6 +6,8 @@ import gc
 
 import pytest
 import torch
+import transformers
+from packaging.version import Version
 from transformers import DynamicCache
 
 from lightning_tiercache import Tier
@@ -137,7 +139,11 @@ def test_reset_empties_and_frees_working_blocks(make_store, offload):
     before = len(tier.store)
     for cache in (ref, tier):
         cache.reset()
-    assert tier.get_seq_length() == ref.get_seq_length() == 0
+    assert tier.get_seq_length() == 0
+    # DynamicCache's reset empties it on current transformers (5.24 here); older ones (5.0, 4.57) zero in place and keep
+    # the length (there ours still empties, which is what reset is for).
+    if Version(transformers.__version__) >= Version("5.20"):
+        assert ref.get_seq_length() == 0
     assert not tier._shared.working
     assert len(tier.store) <= before
 

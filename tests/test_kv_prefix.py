@@ -72,7 +72,7 @@ def test_hit_blocks_are_bitwise_a_fresh_prefill_and_tokens_match(make_store):
     model = tiny_model("llama")
     store = make_store(device_bytes="64MiB", host_bytes="64MiB", disk_bytes=0)
     prefix, prompts = _prompts()
-    _, served, _ = _run(model, store, prompts[0])
+    _, served, _ = _run(model, store, prompts[0][:1])  # one row: a normal prefill stores the blocks
     assert served == 0
     cache = TieredKVCache(store, KVConfig(block_tokens=BLK), model=model)
     assert cache.load_prefix(prompts[1]) == PREFIX
@@ -109,7 +109,7 @@ def test_stale_namespace_never_serves_old_blocks(make_store):
             p.add_(0.01)
     first.set_model_version(1)  # the old version's blocks this cache stored are freed
     cache, served, out = _run(model, store, prompts[1], model_version=1)
-    assert served == 0 and cache.stats()["hits"] == 0
+    assert cache.stats()["shared_prefill_blocks"] == 4  # every prefix block recomputed under the new weights
     assert torch.equal(out.sequences, _gen(model, prompts[1]).sequences)
     _, served, _ = _run(model, store, prompts[2], model_version=1)
     assert served == PREFIX
@@ -203,7 +203,8 @@ _PERSIST = textwrap.dedent(
         stats = cache.stats()
         warned = any("corrupt" in str(w.message) for w in caught)
         print(json.dumps({"served": served, "same": bool(torch.equal(out, ref)), "corrupt": stats["persist_corrupt"],
-                          "writes": stats["persist_writes"], "warned": warned}))
+                          "writes": stats["persist_writes"], "warned": warned,
+                          "shared": stats["shared_prefill_blocks"]}))
     """
 )
 
@@ -218,17 +219,18 @@ def test_persisted_blocks_survive_a_restart_and_corrupt_ones_are_ignored(tmp_pat
         return json.loads(out.stdout.strip().splitlines()[-1])
 
     first = run(0)
-    assert first["served"] == 0 and first["writes"] == 2 * 6 and first["same"]  # (4 shared + 2 own) blocks x 2 layers
+    # The two rows share 4 blocks, prefilled once (Note: [shared prefill]); (4 shared + 2 own) blocks x 2 layers.
+    assert first["served"] == PREFIX and first["shared"] == 4 and first["writes"] == 2 * 6 and first["same"]
     (folder,) = [p for p in (tmp_path / "kv").iterdir() if p.is_dir()]
     records = sorted(folder.glob("*.ltc"))
     assert len(records) == 12
-    # Corrupt block 2 of layer 0 of the shared prefix: blocks 0 and 1 are still served.
+    # Corrupt block 2 of layer 0 of the shared prefix: blocks 0 and 1 are still served, 2 and 3 recomputed.
     target = _block_file(folder, 2)
     data = bytearray(target.read_bytes())
     data[-5] ^= 0xFF
     target.write_bytes(bytes(data))
     second = run(1)
-    assert second["served"] == 2 * BLK
+    assert second["served"] == PREFIX and second["shared"] == 2
     assert second["corrupt"] == 1 and second["warned"] and second["same"]
 
 
@@ -239,3 +241,114 @@ def _block_file(folder: Path, block: int) -> Path:
     assert namespace(fields) == folder.name
     key = block_keys(_prompts()[1][1][:1], None, BLK, folder.name)[0][block]
     return folder / f"{key}-0.ltc"
+
+
+# ---------------------------------------------------------------------- intra-batch shared prefill
+
+
+def _stored(store, model, ids, layers):
+    """The stored blocks of row 0 of ``ids``: ``{(block, layer): tensor}``."""
+    keys = block_keys(ids[:1], None, BLK, _ns(model, store))[0]
+    found = {(j, i): store.lookup(f"kv/{k}/{i}") for j, k in enumerate(keys) for i in range(layers)}
+    return {where: store.get(h) for where, h in found.items() if h is not None}
+
+
+@pytest.mark.parametrize(("family", "offload"), [("llama", False), ("gpt2", True)])
+def test_shared_prefix_of_a_missing_batch_is_prefilled_once_and_bitwise_exact(make_store, family, offload):
+    # Note: [shared prefill]
+    model = tiny_model(family)
+    store = make_store(device_bytes="64MiB", host_bytes="64MiB", disk_bytes=0)
+    prefix, prompts = _prompts(n=3)
+    config = KVConfig(block_tokens=BLK, offload=offload)
+    cache = TieredKVCache(store, config, model=model)
+    assert cache.load_prefix(prompts[0]) == PREFIX  # the first batch already hits: its prefix was computed once
+    s = cache.stats()
+    assert (s["shared_prefill_blocks"], s["shared_prefill_tokens"]) == (4, PREFIX)
+    assert (s["hits"], s["misses"]) == (3 * 4, 3 * 1)
+    fresh = _fresh_prefill(model, prefix)  # batch 1
+    for i, layer in enumerate(cache.layers):
+        layer._materialize()
+        assert torch.equal(layer.keys, fresh.layers[i].keys.expand(3, -1, -1, -1))
+        assert torch.equal(layer.values, fresh.layers[i].values.expand(3, -1, -1, -1))
+    out, ref = _gen(model, prompts[0], cache), _gen(model, prompts[0])
+    assert torch.equal(out.sequences, ref.sequences)
+    assert max((a - b).abs().max().item() for a, b in zip(out.logits, ref.logits, strict=True)) <= 1e-4
+    # Same keys, namespace and layout as a normal (one row, nothing shared) prefill stores.
+    normal = make_store(device_bytes="64MiB", host_bytes="64MiB", disk_bytes=0)
+    _run(model, normal, prompts[0][:1], config)
+    layers = len(cache.layers)
+    mine, theirs = _stored(store, model, prompts[0], layers), _stored(normal, model, prompts[0], layers)
+    assert len(theirs) == 5 * layers and set(mine) == set(theirs)  # 4 shared blocks and row 0's own block
+    assert all(torch.equal(mine[w], theirs[w]) for w in theirs)
+    second = TieredKVCache(store, config, model=model)
+    assert second.load_prefix(prompts[1]) == PREFIX and second.stats()["shared_prefill_blocks"] == 0
+
+
+def test_shared_prefill_serves_stored_head_and_computes_only_the_rest(make_store):
+    model = tiny_model("llama")
+    store = make_store(device_bytes="64MiB", host_bytes="64MiB", disk_bytes=0)
+    prefix, prompts = _prompts(n=2)
+    _run(model, store, prefix[:, : 2 * BLK + 1])  # stores blocks 0 and 1 of the prefix
+    cache = TieredKVCache(store, KVConfig(block_tokens=BLK), model=model)
+    assert cache.load_prefix(prompts[0]) == PREFIX
+    assert cache.stats()["shared_prefill_blocks"] == 2
+    out, ref = _gen(model, prompts[0], cache), _gen(model, prompts[0])
+    assert torch.equal(out.sequences, ref.sequences)
+
+
+def test_no_shared_prefill_for_distinct_rows_one_row_no_model_or_no_reuse(make_store):
+    model = tiny_model("llama")
+    store = make_store(device_bytes="64MiB", host_bytes="64MiB", disk_bytes=0)
+    _, prompts = _prompts(n=2)
+    distinct = torch.randint(3, 128, (2, 41), generator=torch.Generator().manual_seed(5))
+    cases = [
+        (KVConfig(block_tokens=BLK), model, distinct),
+        (KVConfig(block_tokens=BLK), model, prompts[0][:1]),
+        (KVConfig(block_tokens=BLK), model.config, prompts[0]),
+        (KVConfig(block_tokens=BLK, reuse=False), model, prompts[0]),
+    ]
+    for config, owner, ids in cases:
+        store.clear_cache()
+        cache = TieredKVCache(store, config, model=owner)
+        assert cache.load_prefix(ids) == 0
+        assert cache.stats()["shared_prefill_blocks"] == 0 and cache.stats()["stored_blocks"] == 0
+
+
+def test_only_blocks_unmasked_in_every_row_are_shared(make_store):
+    model = tiny_model("llama")
+    store = make_store(device_bytes="64MiB", host_bytes="64MiB", disk_bytes=0)
+    _, prompts = _prompts(n=2)
+    ids = prompts[0]
+    mask = torch.ones_like(ids)
+    mask[:, 20] = 0  # the same hole in both rows: keys agree, but blocks 2.. are not all ones
+    cache = TieredKVCache(store, KVConfig(block_tokens=BLK), model=model)
+    assert cache.load_prefix(ids, mask) == 2 * BLK
+    assert cache.stats()["shared_prefill_blocks"] == 2
+    store.clear_cache()
+    left = torch.ones_like(ids)
+    left[:, :3] = 0  # left padding of the same length in both rows: nothing qualifies
+    cache = TieredKVCache(store, KVConfig(block_tokens=BLK), model=model)
+    assert cache.load_prefix(ids, left) == 0 and cache.stats()["shared_prefill_blocks"] == 0
+
+
+def test_generate_hook_shares_greedy_batches_and_skips_beam_search(make_store):
+    from lightning_tiercache.kv_generate import tier_generate
+
+    model = tiny_model("qwen2")
+    _, prompts = _prompts(n=2)
+    store = make_store(device_bytes="64MiB", host_bytes="64MiB", disk_bytes=0)
+    hook = tier_generate(model, store, KVConfig(block_tokens=BLK))
+    try:
+        beams = _gen_kw(model, prompts[0], num_beams=2)
+        assert hook.stats()["shared_prefill_blocks"] == 0 and hook.stats()["hits"] == 0
+        greedy = _gen_kw(model, prompts[1])
+        assert hook.stats()["shared_prefill_blocks"] == 4 and hook.stats()["hits"] == 2 * 4
+    finally:
+        hook.remove()
+    assert torch.equal(beams, _gen_kw(model, prompts[0], num_beams=2))
+    assert torch.equal(greedy, _gen_kw(model, prompts[1]))
+
+
+def _gen_kw(model, ids, **kw):
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, **kw)
