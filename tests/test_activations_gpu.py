@@ -11,7 +11,7 @@ import gc
 import pytest
 import torch
 
-from lightning_tiercache import ActivationOffloader, TierConfig, TierStore
+from lightning_tiercache import ActivationOffloader, TierStore
 from lightning_tiercache.bench.gpt import GPT, GPTConfig
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -20,19 +20,14 @@ SLEEP_CYCLES = 200_000_000  # ~0.1 s of a spinning kernel on current GPUs
 
 
 @pytest.fixture
-def cuda_store(tmp_path):
-    stores: list[TierStore] = []
+def cuda_store(make_store):
+    """``make_store`` (tests/conftest.py) on the CUDA device."""
 
     def make(**kw) -> TierStore:
-        kw.setdefault("spill_dir", str(tmp_path))
         kw.setdefault("device", "cuda")
-        s = TierStore(TierConfig(**kw))
-        stores.append(s)
-        return s
+        return make_store(**kw)
 
-    yield make
-    for s in stores:
-        s.close()
+    return make
 
 
 def _grads(model) -> list[torch.Tensor]:
