@@ -41,6 +41,7 @@ import torch
 
 from lightning_tiercache.codec import dtype_code
 from lightning_tiercache.config import parse_bytes
+from lightning_tiercache.idle import IdleGate
 from lightning_tiercache.prefetch_plan import ForwardPass, PrefetchPlanner, measure_pass, probe_h2d_bytes_per_s
 from lightning_tiercache.saved_tensors import (
     Kept,
@@ -62,6 +63,7 @@ __all__ = ["OFFLOAD_TIERS", "ActivationOffloader", "OffloadConfig", "no_offload"
 log = logging.getLogger(__name__)
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _MAX_PENDING_PASSES = 4
+_IDLE = contextlib.nullcontext()
 _COUNTERS = (
     "packed", "packed_bytes", "skipped_params", "skipped_small", "skipped_dup", "skipped_other", "skipped_bytes",
     "bytes_offloaded", "bytes_kept", "unpacks", "unpack_waits", "unpack_misses", "prefetches", "steps",
@@ -87,6 +89,9 @@ class OffloadConfig:
         dedup: store tensors that share a storage once.
         tier: the highest tier offloaded tensors go to, one of :data:`OFFLOAD_TIERS` (or a ``Tier``).
         wait_threshold_s: an ``unpack`` blocked longer than this counts as a wait.
+        idle_probe_every: after a forward that stored nothing, forwards entered through ``for_batch`` with
+            batches no larger skip the saved-tensor hooks, except one in every ``idle_probe_every``, which checks
+            again (see :mod:`lightning_tiercache.idle`). ``0``: hooks on every forward.
     """
 
     min_bytes: int | str = "64KiB"
@@ -97,6 +102,7 @@ class OffloadConfig:
     dedup: bool = True
     tier: Tier | str = "host"
     wait_threshold_s: float = 1e-4
+    idle_probe_every: int = 64
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "min_bytes", parse_bytes(self.min_bytes, "min_bytes"))
@@ -111,6 +117,9 @@ class OffloadConfig:
         if tier not in OFFLOAD_TIERS:
             raise ValueError(f"tier={self.tier!r} is not one of {', '.join(OFFLOAD_TIERS)}")
         object.__setattr__(self, "tier", Tier.HOST if tier == "host" else Tier.DISK)
+        n = self.idle_probe_every
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"idle_probe_every={n!r} must be an int >= 0")
         w = self.wait_threshold_s
         if isinstance(w, bool) or not isinstance(w, int | float) or not 0 <= w < 60:
             raise ValueError(f"wait_threshold_s={w!r} must be a number of seconds in [0, 60)")
@@ -181,8 +190,21 @@ class ActivationOffloader:
         self._last_offloaded = 0
         self._h2d_bytes_per_s: float | None = None
         self._last: dict[str, float] = {}
+        self.gate = IdleGate(cfg.idle_probe_every)
 
     # ------------------------------------------------------------------ context
+
+    def for_batch(self, batch: Any) -> contextlib.AbstractContextManager[Any]:
+        """The context for one forward of ``batch``: this offloader, or no hooks at all when it has nothing to do.
+
+        A forward that stored nothing lets later forwards of batches no larger run without the saved-tensor
+        hooks (see :mod:`lightning_tiercache.idle`); ``with offloader:`` always installs them.
+        """
+        shapes, skip = self.gate.check(batch)
+        if skip:
+            return _IDLE
+        self._local.shapes = shapes
+        return self
 
     def __enter__(self) -> ActivationOffloader:
         self._drain()
@@ -192,19 +214,22 @@ class ActivationOffloader:
         self._param_ptrs = None if self.module is not None else frozenset()
         hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
         hooks.__enter__()
-        self._stack().append((hooks, ForwardPass()))
+        shapes, self._local.shapes = getattr(self._local, "shapes", None), None
+        self._stack().append((hooks, ForwardPass(), shapes))
         with self._lock:
             self._counts["steps"] += 1
         return self
 
     def __exit__(self, *exc: object) -> None:
-        hooks, p = self._stack().pop()
+        hooks, p, shapes = self._stack().pop()
         hooks.__exit__(*exc)
+        if exc[0] is None:
+            self.gate.observe(shapes, stored=bool(p.order))
         self._end_forward(p)
         self._drain()
 
-    def _stack(self) -> list[tuple[Any, ForwardPass]]:
-        stack: list[tuple[Any, ForwardPass]] | None = getattr(self._local, "stack", None)
+    def _stack(self) -> list[tuple[Any, ForwardPass, Any]]:
+        stack: list[tuple[Any, ForwardPass, Any]] | None = getattr(self._local, "stack", None)
         if stack is None:
             stack = self._local.stack = []
         return stack
@@ -469,7 +494,8 @@ class ActivationOffloader:
         (bytes sent below the device tier), ``bytes_kept`` (the resident tails), ``unpacks``, ``unpack_waits``,
         ``unpack_wait_s``, ``unpack_wait_max_s``, ``unpack_misses``, ``prefetches``, ``steps``, ``measured_steps``,
         ``lead_bytes``, ``keep_tail_bytes``, ``prefetch_lead`` (the lead in average entries),
-        ``last_backward_s``, ``last_unpack_wait_s``, ``last_unpack_waits``, ``pending_frees``.
+        ``last_backward_s``, ``last_unpack_wait_s``, ``last_unpack_waits``, ``pending_frees``, ``idle_steps``
+        (forwards that ran without hooks: nothing to offload).
         """
         self._drain()
         with self._lock:
@@ -484,6 +510,7 @@ class ActivationOffloader:
         out["last_unpack_wait_s"] = self._last.get("unpack_wait_s", 0.0)
         out["last_unpack_waits"] = int(self._last.get("unpack_waits", 0))
         out["pending_frees"] = len(self._deferred)
+        out["idle_steps"] = self.gate.skipped
         return out
 
     def state_dict(self) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from lightning_tiercache.batch_copy import NextBatchCopier
 from lightning_tiercache.config import TierConfig, parse_bytes
 from lightning_tiercache.runtime import TierRuntime, kv_config, oom_config
 from lightning_tiercache.store import TierStore
@@ -44,6 +45,9 @@ class TierCacheCallback(Callback):
         offload_activations: offload saved activations to the store during ``fit``.
         min_offload_bytes: activations smaller than this stay where they are.
         offload_keep_tail_bytes: bytes at the end of the forward kept resident (``None``: from measurement).
+        offload_idle_probe_every: once a forward had nothing to offload, forwards of batches no larger skip the
+            saved-tensor hooks except one in this many; ``0`` keeps them on (models whose saved sizes depend on
+            the data, not the input shapes).
         oom_recovery: split and retry steps that run out of memory (train, validate, test, predict).
         oom_initial_micro_batches: micro-batches per step before any OOM.
         oom_max_micro_batches: most micro-batches a batch is split into.
@@ -63,6 +67,8 @@ class TierCacheCallback(Callback):
         log_every_n_steps: log telemetry every this many steps; ``None``: the Trainer's ``log_every_n_steps``.
         progress_bar: show a short summary (``tc_hit``, ``tc_dev``, ``tc_mb``) on the progress bar.
         wandb_extras: with a ``WandbLogger``, define metric summaries and log the ``tiercache/events`` table.
+        copy_next_batch: on CUDA, copy the next batch to the device on a side stream while this one computes
+            (overlaps only from pinned memory: ``DataLoader(pin_memory=True)``); nothing on other devices.
 
     Raises:
         ValueError: a size, name or count is invalid (the message names the argument and the valid values).
@@ -98,6 +104,7 @@ class TierCacheCallback(Callback):
         offload_activations: bool = True,
         min_offload_bytes: int | str = "64KiB",
         offload_keep_tail_bytes: int | str | None = None,
+        offload_idle_probe_every: int = 64,
         oom_recovery: bool = True,
         oom_initial_micro_batches: int = 1,
         oom_max_micro_batches: int = 1024,
@@ -116,13 +123,17 @@ class TierCacheCallback(Callback):
         log_every_n_steps: int | None = None,
         progress_bar: bool = True,
         wandb_extras: bool = True,
+        copy_next_batch: bool = True,
     ) -> None:
         # Validate now (not at setup), so a bad YAML fails before the run starts.
         tier_config = TierConfig(
             device_bytes=device_bytes, host_bytes=host_bytes, disk_bytes=disk_bytes, spill_dir=spill_dir,
             codec=codec, policy=policy, io_threads=io_threads,
         )  # fmt: skip
-        offload: dict[str, Any] = {"min_bytes": parse_bytes(min_offload_bytes, "min_offload_bytes")}
+        offload: dict[str, Any] = {
+            "min_bytes": parse_bytes(min_offload_bytes, "min_offload_bytes"),
+            "idle_probe_every": offload_idle_probe_every,
+        }
         if offload_keep_tail_bytes is not None:
             offload["keep_tail_bytes"] = parse_bytes(offload_keep_tail_bytes, "offload_keep_tail_bytes")
         oom = oom_config(
@@ -138,6 +149,11 @@ class TierCacheCallback(Callback):
             isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1
         ):
             raise ValueError(f"log_every_n_steps={log_every_n_steps!r} must be an int >= 1 or None")
+        n = offload_idle_probe_every
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"offload_idle_probe_every={n!r} must be an int >= 0")
+        if not isinstance(copy_next_batch, bool):
+            raise ValueError(f"copy_next_batch={copy_next_batch!r} must be True or False")
         self.runtime = TierRuntime(
             tier_config, offload=offload if offload_activations else None, oom=oom, kv=kv,
             kv_model_version=kv_model_version,
@@ -145,6 +161,8 @@ class TierCacheCallback(Callback):
         self.log_every_n_steps = log_every_n_steps
         self.progress_bar = progress_bar
         self.wandb_extras = wandb_extras
+        self.copy_next_batch = copy_next_batch
+        self.copier: NextBatchCopier | None = None  # set up on CUDA; kept after teardown for its stats()
         self.telemetry: Telemetry | None = None
         self.last_metrics: dict[str, float] = {}
         self._wandb: Any = None
@@ -184,6 +202,9 @@ class TierCacheCallback(Callback):
         self.runtime.open(device, pl_module, train=stage == "fit", state=self._state)
         if self.runtime.hook is not None:
             self.runtime.hook.install(trainer)
+        self.copier = NextBatchCopier.for_trainer(trainer) if self.copy_next_batch else None
+        if self.copier is not None:
+            self.copier.install(trainer)
         every = self.log_every_n_steps or max(1, int(getattr(trainer, "log_every_n_steps", 50) or 1))
         self.telemetry = Telemetry(every, device=device)
         if self.wandb_extras and trainer.is_global_zero:
@@ -237,6 +258,8 @@ class TierCacheCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self.runtime.batch_start(batch, eval=False)
+        if self.copier is not None:
+            self.copier.copy_next(trainer, eval=False)
 
     @override
     def on_train_batch_end(
@@ -263,6 +286,8 @@ class TierCacheCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         self.runtime.batch_start(batch, eval=True)
+        if self.copier is not None:
+            self.copier.copy_next(trainer, eval=True)
 
     @override
     def on_validation_batch_end(
@@ -287,6 +312,8 @@ class TierCacheCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         self.runtime.batch_start(batch, eval=True)
+        if self.copier is not None:
+            self.copier.copy_next(trainer, eval=True)
 
     @override
     def on_test_batch_end(
@@ -309,6 +336,8 @@ class TierCacheCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         self.runtime.batch_start(batch, eval=True)
+        if self.copier is not None:
+            self.copier.copy_next(trainer, eval=True)
 
     @override
     def on_predict_batch_end(
@@ -334,8 +363,9 @@ class TierCacheCallback(Callback):
         if self.telemetry is None or not self.telemetry.due(index):
             return
         self._log_now(trainer, stage, step)
-        # The progress bar keeps the last values shown, so refreshing them on logging steps is enough.
-        if self.progress_bar and pl_module is not None and self.telemetry.last:
+        # The progress bar keeps the last values shown, so refreshing them on logging steps is enough. Without a
+        # bar nothing is logged: Lightning would carry the keys through every later step for nobody.
+        if self.progress_bar and pl_module is not None and self.telemetry.last and trainer.progress_bar_callback:
             last = self.telemetry.last
             bar = {
                 "tc_hit": last.get("tiercache/hit_rate", 1.0),
@@ -358,17 +388,26 @@ class TierCacheCallback(Callback):
         values = self.telemetry.sample(
             rt.store,
             activations=rt.offloader if train else None,
-            oom=rt.hook,
+            oom=rt.hook if rt.hook is not None and rt.hook.config.enabled else None,
             kv=None if train else rt.kv,
             oom_prefix="" if train else "eval_",
         )
         reduced = self.telemetry.reduce(values)
         self.last_metrics.update(reduced)
         self.telemetry.log(trainer.loggers, reduced, step)
-        for source, event in rt.drain_events():
-            log.info("tiercache %s event at step %d: %s %s", source, step, event.get("event"), event.get("detail"))
+        from lightning_tiercache.events import gather_events
+
+        # Every rank drains and joins the gather (a collective, like the reduce above); rank zero alone has
+        # the loggers and the W&B bridge, so it logs every rank's events, each with its own rank.
+        pairs = rt.drain_events()
+        gathered = gather_events(pairs, device=trainer.strategy.root_device)
+        for rank, source, event in gathered if trainer.is_global_zero else []:
+            log.info(
+                "tiercache %s event at step %d (rank %d): %s %s",
+                source, step, rank, event.get("event"), event.get("detail"),
+            )  # fmt: skip
             if self._wandb is not None:
-                self._wandb.add_events([event], step=step, source=source, rank=trainer.global_rank)
+                self._wandb.add_events([event], step=step, source=source, rank=rank)
 
     # ------------------------------------------------------------------ release
 
@@ -381,5 +420,7 @@ class TierCacheCallback(Callback):
         try:
             self.runtime.close()
         finally:
+            if self.copier is not None:
+                self.copier.uninstall()
             if wandb_bridge is not None:
                 wandb_bridge.flush()

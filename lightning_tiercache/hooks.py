@@ -24,10 +24,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
+from torchmetrics import Metric
 
 from lightning_tiercache.errors import BatchSplitError
-from lightning_tiercache.microbatch import MicroBatchRunner, StepResult, sync_gradients
+from lightning_tiercache.microbatch import MicroBatchRunner, StepResult, _attempt, sync_gradients
 from lightning_tiercache.oom import MicroBatchPolicy, OOMConfig, RankAgreement, now
+from lightning_tiercache.rollback import MetricSnapshots
 from lightning_tiercache.split import merge_outputs
 
 if TYPE_CHECKING:
@@ -43,35 +45,39 @@ _EVAL_STEPS = ("validation_step", "test_step", "predict_step")
 _WRAPPED = ("training_step", "backward", *_EVAL_STEPS)
 
 
+@dataclasses.dataclass(slots=True)
+class _Step:
+    """One training step's call, kept until its backward for a retry (Note: [fast path])."""
+
+    original: Callable[..., Any]
+    backward: Callable[..., Any]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    optimizer: Any
+    accumulate: int
+    results: Any = None
+    buffers: list[torch.Tensor] | None = None
+    saved: Any = None
+
+
 @dataclasses.dataclass
 class _Pending:
     """The step's gradients, waiting for the closure's ``backward`` call."""
 
-    params: list[torch.nn.Parameter]
+    params: list[torch.Tensor]
     grads: list[torch.Tensor | None]
     ddp: DistributedDataParallel | None
     must_sync: bool
 
 
-def _metric_snapshot(m: Any) -> dict[str, Any]:
-    state: dict[str, Any] = {}
-    for name in getattr(m, "_defaults", {}):
-        v = getattr(m, name)
-        # List states only grow by append: remember the length. Tensor states may change in place: clone.
-        state[name] = len(v) if isinstance(v, list) else (v.clone() if isinstance(v, torch.Tensor) else v)
-    for attr in ("_update_count", "_computed", "_forward_cache", "has_reset"):
-        if hasattr(m, attr):
-            state[attr] = getattr(m, attr)
-    return state
-
-
-def _metric_restore(m: Any, state: dict[str, Any]) -> None:
-    for name, v in state.items():
-        current = getattr(m, name, None)
-        if isinstance(current, list) and isinstance(v, int) and name in getattr(m, "_defaults", {}):
-            del current[v:]
-        else:
-            setattr(m, name, v)
+def _lightning_replaced() -> dict[type, tuple[str, ...]]:
+    """Lightning's logged values assign their states (``self.value = self.value + ...``), never change them in
+    place: snapshot them by reference (still checked by version counter, see :mod:`lightning_tiercache.rollback`)."""
+    try:
+        from lightning.pytorch.trainer.connectors.logger_connector.result import _ResultMetric
+    except ImportError:  # another Lightning layout: learned per step instead
+        return {}
+    return {_ResultMetric: ("value", "cumulated_batch_size")}
 
 
 def _detach(x: Any) -> Any:
@@ -88,7 +94,8 @@ class StepHook:
     Args:
         config: OOM recovery settings.
         store: the TierStore whose device tier is demoted (ladder step 2) before splitting.
-        forward_context: entered around every training forward the hook runs (e.g. activation offload).
+        forward_context: ``forward_context(batch)`` gives the context entered around each training forward the
+            hook runs, with its (micro-)batch (e.g. ``ActivationOffloader.for_batch``).
 
     Example::
 
@@ -102,7 +109,7 @@ class StepHook:
         self,
         config: OOMConfig | None = None,
         store: TierStore | None = None,
-        forward_context: Callable[[], AbstractContextManager[Any]] | None = None,
+        forward_context: Callable[[Any], AbstractContextManager[Any]] | None = None,
     ) -> None:
         self.config = config or OOMConfig()
         self.store = store
@@ -114,8 +121,12 @@ class StepHook:
         self._strategy: Any = None
         self._saved: dict[str, tuple[bool, Any]] = {}
         self._pending: _Pending | None = None
+        self._retry: _Step | None = None
         self._stage = "train"
         self._warned: set[str] = set()
+        self._parts_key: tuple[int, int] | None = None
+        self._snapshots = MetricSnapshots(_lightning_replaced())
+        self._parts: tuple[list[torch.Tensor], list[Any]] = ([], [])
 
     # ------------------------------------------------------------------ install
 
@@ -150,7 +161,9 @@ class StepHook:
                 vars(strategy).pop(name, None)
         self._saved.clear()
         self._strategy = self._trainer = None
-        self._pending = None
+        self._pending = self._retry = None
+        self._parts_key = None
+        self._parts = ([], [])
 
     @contextlib.contextmanager
     def installed_on(self, trainer: pl.Trainer) -> Any:
@@ -216,37 +229,53 @@ class StepHook:
             self._warned.add(key)
             log.warning(message)
 
-    def _set_log_batch(self, batch: Any) -> None:
+    def _set_log_batch(self, batch: Any, results: Any = None) -> None:
         # `self.log` weighs mean-reduced values by the batch size it finds in the results' batch.
-        results = getattr(self._trainer, "_results", None)
+        if results is None:
+            results = getattr(self._trainer, "_results", None)
         if results is not None:
             results.batch = batch
             results.batch_size = None
 
-    def _save(self) -> Any:
-        """Snapshot what a step may log or accumulate: the trainer's logged results and module metrics."""
-        trainer = self._installed_trainer()
-        from torchmetrics import Metric
+    def _module_parts(self) -> tuple[list[torch.Tensor], list[Any]]:
+        """The module's buffers and torchmetrics metrics, looked up once per epoch (a module walk is not free).
 
-        metrics = [m for m in trainer.lightning_module.modules() if isinstance(m, Metric)]
-        results = getattr(trainer, "_results", None)
+        Buffers or metrics added to the module in the middle of an epoch are rolled back from the next epoch on.
+        """
+        trainer = self._installed_trainer()
+        module = trainer.lightning_module
+        key = (id(module), trainer.current_epoch)
+        if self._parts_key != key:
+            buffers = list(module.buffers()) if self.config.restore_buffers else []
+            self._parts = (buffers, [m for m in module.modules() if isinstance(m, Metric)])
+            self._parts_key = key
+        return self._parts
+
+    def _save(self, results: Any = None) -> Any:
+        """Snapshot what a step may log or accumulate: the trainer's logged results and module metrics.
+
+        The module's metrics are the ones :meth:`_module_parts` found last (each step looks them up first).
+        """
+        if results is None:
+            results = getattr(self._installed_trainer(), "_results", None)
         logged = dict(results) if results is not None else {}
-        return (
-            [(m, _metric_snapshot(m)) for m in metrics],
-            results,
-            logged,
-            [(m, _metric_snapshot(m)) for m in logged.values() if isinstance(m, Metric)],
-        )
+        save = self._snapshots.save
+        metrics = [*self._parts[1], *(m for m in logged.values() if isinstance(m, Metric))]
+        return [(m, save(m)) for m in metrics], results, logged
+
+    def _learn(self, saved: Any) -> None:
+        learn = self._snapshots.learn
+        for m, s in saved[0]:
+            learn(m, s)
 
     def _restore(self, saved: Any) -> None:
-        metrics, results, logged, logged_states = saved
-        for m, s in metrics:
-            _metric_restore(m, s)
+        states, results, logged = saved
         if results is not None:
             for key in [k for k in results if k not in logged]:
                 del results[key]
-        for m, s in logged_states:
-            _metric_restore(m, s)
+        restore = self._snapshots.restore
+        for m, s in states:
+            restore(m, s)
         scaler = getattr(getattr(self._strategy, "precision_plugin", None), "scaler", None)
         states = getattr(scaler, "_per_optimizer_states", None)
         if isinstance(states, dict) and self._trainer is not None:
@@ -268,69 +297,114 @@ class StepHook:
     def _forward(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if self.forward_context is None:
             return fn(*args, **kwargs)
-        with self.forward_context():
+        with self.forward_context(args[0] if args else None):
             return fn(*args, **kwargs)
 
     def _training_step(
         self, original: Callable[..., Any], backward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
         trainer = self._installed_trainer()
-        module = trainer.lightning_module
+        strategy = self._strategy
+        module = strategy.lightning_module
         self._stage = "train"
+        self._retry = None
         if self._pending is not None:
             self._warn_once("pending", "tiercache oom: backward was skipped after a training step; dropping its grads")
             self._pending = None
+        optimizers = strategy.optimizers
         if (
             not self.config.enabled
             or not args
             or not module.automatic_optimization
-            or not trainer.optimizers
-            or getattr(self._strategy, "handles_gradient_accumulation", False)
+            or not optimizers
+            or getattr(strategy, "handles_gradient_accumulation", False)
         ):
             return self._forward(original, *args, **kwargs)
-        batch, rest = args[0], args[1:]
-        optimizer = trainer.optimizers[0]
-        accumulate = trainer.accumulate_grad_batches
-        params = [p for p in module.parameters() if p.requires_grad]
+        step = _Step(original, backward, args, kwargs, optimizers[0], trainer.accumulate_grad_batches)
+        step.results = getattr(trainer, "_results", None)
+        world = trainer.world_size
+        window_start = trainer.fit_loop.epoch_loop.batch_idx % step.accumulate == 0
+        if window_start and world == 1 and self.train_policy.micro_batches == 1:
+            return self._unsplit_step(step)
+        return self._split_step(step, world, window_start, None)
+
+    def _unsplit_step(self, step: _Step) -> Any:
+        """Note: [fast path] one process, one micro-batch, first batch of an accumulation window: the step runs
+        as if the hook were not there (forward here, backward in the closure), after a snapshot of what it may
+        log. An OOM in forward rolls back and splits here; one in the closure's backward drops the failed
+        graph, rolls back and runs the split step inside that ``backward`` call (see :meth:`_wrap_backward`)."""
+        buffers = self._module_parts()[0]
+        step.buffers = [b.detach().clone() for b in buffers]
+        step.saved = self._save(step.results)
+        out, failed = _attempt(self._forward, step.original, *step.args, **step.kwargs)
+        if failed is None:
+            if out is None:  # a skipped batch: no backward follows
+                self.train_policy.on_success()
+            else:
+                self._retry = step
+            return out
+        self._rollback(step)
+        return self._split_step(step, 1, True, failed)
+
+    def _rollback(self, step: _Step) -> None:
+        for b, v in zip(self._parts[0], step.buffers or [], strict=True):
+            b.copy_(v)
+        self._restore(step.saved)
+        step.buffers = step.saved = None
+
+    def _params(self, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+        # The gradients the closure's zero_grad would wipe: the optimizer's (read per step, so parameter groups
+        # added by an unfreezing schedule are seen at once; no module walk).
+        return [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+
+    def _micro_step(self, step: _Step) -> Callable[[Any, float], Any]:
+        batch, rest, kwargs, accumulate = step.args[0], step.args[1:], step.kwargs, step.accumulate
+
+        def micro_step(part: Any, scale: float) -> Any:
+            if part is not batch:  # Lightning set the whole batch before this call
+                self._set_log_batch(part, step.results)
+            out = self._forward(step.original, part, *rest, **kwargs)
+            loss = out.get("loss") if isinstance(out, Mapping) else out
+            if isinstance(loss, torch.Tensor):
+                scaled = loss if scale == 1.0 else loss * scale
+                step.backward(scaled if accumulate == 1 else scaled / accumulate, step.optimizer)
+            return _detach(out)
+
+        return micro_step
+
+    def _split_step(self, step: _Step, world: int, window_start: bool, failed: str | None) -> Any:
+        """Run the step through the micro-batch runner: forward and backward here, gradients handed to the
+        closure's ``backward`` (Note: [no hang] under DDP)."""
+        params = self._params(step.optimizer)
         # Note: [stale grads] on the first batch of an accumulation window Lightning zeroes the grads right after
         # this call; release them now so a failed attempt's memory does not sit next to stale gradients.
-        if trainer.fit_loop.epoch_loop.batch_idx % accumulate == 0:
-            in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        if window_start:
             for p in params:
-                if id(p) in in_opt:
-                    p.grad = None
-        ddp = self._ddp()
-        if ddp is None and trainer.world_size > 1:
+                p.grad = None
+        ddp = self._ddp() if world > 1 else None
+        if ddp is None and world > 1:
             self._warn_once(
                 "strategy",
                 f"tiercache oom: {type(self._strategy).__name__} is not DDP; micro-batching works, but an OOM on one "
                 "rank in backward can leave the other ranks waiting in the strategy's own collectives",
             )
-
-        def micro_step(part: Any, scale: float) -> Any:
-            self._set_log_batch(part)
-            out = self._forward(original, part, *rest, **kwargs)
-            loss = out.get("loss") if isinstance(out, Mapping) else out
-            if isinstance(loss, torch.Tensor):
-                scaled = loss if scale == 1.0 else loss * scale
-                backward(scaled if accumulate == 1 else scaled / accumulate, optimizer)
-            return _detach(out)
-
         must_sync = ddp is not None and bool(ddp.require_backward_grad_sync)
-        buffers = list(module.buffers()) if self.config.restore_buffers else []
+        batch = step.args[0]
+        self._module_parts()
         try:
             result = self._runner(self.train_policy).run_train(
                 batch,
-                micro_step,
+                self._micro_step(step),
                 params,
                 ddp=ddp,
-                buffers=buffers,
-                save=self._save,
+                buffers=self._parts[0],
+                save=lambda: self._save(step.results),
                 restore=self._restore,
                 combine=False,
+                failed=failed,
             )
         finally:
-            self._set_log_batch(batch)
+            self._set_log_batch(batch, step.results)
         if result.grads is None:  # run_train(combine=False) always returns the step's grads
             raise RuntimeError("tiercache oom: the micro-batch runner returned no gradients")
         if all(o is None for o in result.outputs):
@@ -359,6 +433,9 @@ class StepHook:
 
     def _wrap_backward(self, original: Callable[..., Any]) -> Callable[..., Any]:
         def backward(closure_loss: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            retry, self._retry = self._retry, None
+            if retry is not None:
+                return self._unsplit_backward(retry, original, closure_loss, args, kwargs)
             pending, self._pending = self._pending, None
             if pending is None:
                 return original(closure_loss, *args, **kwargs)
@@ -376,6 +453,47 @@ class StepHook:
 
         return backward
 
+    def _unsplit_backward(
+        self,
+        step: _Step,
+        original: Callable[..., Any],
+        closure_loss: torch.Tensor,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        """The closure's backward of an unsplit step (Note: [fast path]); on OOM, the step again, split."""
+        out, failed = _attempt(original, closure_loss, *args, **kwargs)
+        if failed is None:
+            self._learn(step.saved)
+            self.train_policy.on_success()
+            return out
+        # Note: [oom references] the closure still holds the loss, and through it the failed graph's saved
+        # tensors: cut it loose so the retry has that memory. A view cannot be detached in place (it is kept).
+        with contextlib.suppress(RuntimeError):
+            closure_loss.detach_()
+        params = self._params(step.optimizer)
+        for p in params:  # the window's first batch: Lightning zeroed them just before this backward
+            p.grad = None
+        self._rollback(step)
+        self._module_parts()
+        # `self.log` names values after the hook Lightning is in: this is still the training step's work.
+        module = self._strategy.lightning_module
+        fx, module._current_fx_name = module._current_fx_name, "training_step"
+        try:
+            self._runner(self.train_policy).run_train(
+                step.args[0],
+                self._micro_step(step),
+                params,
+                buffers=self._parts[0],
+                save=lambda: self._save(step.results),
+                restore=self._restore,
+                failed=failed,
+            )
+        finally:
+            module._current_fx_name = fx
+            self._set_log_batch(step.args[0], step.results)
+        return closure_loss
+
     # ------------------------------------------------------------------ eval
 
     def _wrap_eval(self, name: str, original: Callable[..., Any]) -> Callable[..., Any]:
@@ -386,6 +504,7 @@ class StepHook:
                 return original(*args, **kwargs)
             self._stage = stage
             batch, rest = args[0], args[1:]
+            self._module_parts()
 
             def micro_step(part: Any) -> Any:
                 self._set_log_batch(part)

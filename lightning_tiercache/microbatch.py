@@ -233,6 +233,7 @@ class MicroBatchRunner:
         save: Callable[[], Any] | None = None,
         restore: Callable[[Any], None] | None = None,
         combine: bool = True,
+        failed: str | None = None,
     ) -> StepResult:
         """Run forward and backward of ``batch`` as micro-batches; retry on OOM per the ladder.
 
@@ -247,6 +248,9 @@ class MicroBatchRunner:
             save: snapshot of caller state (logged metrics) taken before the step; ``restore`` rolls back to it.
             combine: add the step's gradients to the ones present before (and sync them); with ``False`` leave
                 ``.grad`` as it was and return the step's gradients in ``StepResult.grads``.
+            failed: the caller already ran the whole batch at the learned split, it ran out of memory with this
+                message, and the caller rolled back (``save`` is the state from before that attempt). The
+                runner goes on from that failure instead of trying the same split again. Single process only.
 
         Raises:
             OOMRecoveryError: out of memory at micro-batch size 1; ``.grad`` is back to what it was before.
@@ -270,10 +274,13 @@ class MicroBatchRunner:
             outputs: list[Any] = []
             oom: str | None = None
             agreed = _Agreed(False, False, k, k, total, False)
-            if ddp is not None:
+            if failed is not None:  # the caller's own attempt at this split; nothing to roll back again
+                oom, failed = failed, None
+                agreed = _Agreed(True, sizes[0] <= 1, k, k, total, False)
+            elif ddp is not None:
                 ddp.require_forward_param_sync = fwd_sync
             with ddp.no_sync() if ddp is not None else contextlib.nullcontext():
-                for i in range(k):
+                for i in range(k if oom is None else 0):
                     size = sizes[i] if i < len(parts) else 0
                     if i < len(parts):
                         out, oom = _attempt(micro_step, parts[i], shares[i])

@@ -87,10 +87,15 @@ class TierRuntime:
             self.offloader = ActivationOffloader(store, module=module, **self.offload_options)
             if state.get("activations"):
                 self.offloader.load_state_dict(dict(state["activations"]))
-        if self.oom is not None and self.oom.enabled and _available("hooks", "OOM recovery"):
+        recover = self.oom is not None and self.oom.enabled
+        # The step hook also enters the offloader around each training forward, so it is installed whenever
+        # either part is on; with recovery off it only does that.
+        if (recover or self.offloader is not None) and _available("hooks", "OOM recovery"):
             from lightning_tiercache.hooks import StepHook
+            from lightning_tiercache.oom import OOMConfig
 
-            self.hook = StepHook(self.oom, store=store, forward_context=self._forward_context())
+            config = self.oom if recover else dataclasses.replace(self.oom or OOMConfig(), enabled=False)
+            self.hook = StepHook(config, store=store, forward_context=self._forward_context())
             if state.get("oom"):
                 self.hook.load_state_dict(dict(state["oom"]))
         if self.kv_config is not None:
@@ -100,13 +105,10 @@ class TierRuntime:
             if models:
                 self.kv = tier_generate(module, store, self.kv_config, model_version="unset", models=models)
 
-    def _forward_context(self) -> Callable[[], Any] | None:
+    def _forward_context(self) -> Callable[[Any], Any] | None:
         if self.offloader is None:
             return None
-        from lightning_tiercache.activations import offload_activations
-
-        off = self.offloader
-        return lambda: offload_activations(off)
+        return self.offloader.for_batch
 
     def set_weights_version(self, module: torch.nn.Module, step: int | None) -> None:
         """Name the current weights in KV block keys: the base version, plus ``step`` while training."""

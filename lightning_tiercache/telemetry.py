@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import psutil
 import torch
+import torch.distributed as dist
 from torchmetrics import Metric
 
 __all__ = [
@@ -187,15 +188,17 @@ class TelemetryMetric(Metric):
             self.add_state(f"by_{op}", default=torch.zeros(len(keys), dtype=torch.float64), dist_reduce_fx=op)
 
     def update(self, values: Mapping[str, float]) -> None:
+        gauges = {op: getattr(self, f"by_{op}").tolist() for op in REDUCTIONS}
         for key, value in values.items():
             op, i = self._slot[key]
-            getattr(self, f"by_{op}")[i] = float(value)
+            gauges[op][i] = float(value)
+        for op, vals in gauges.items():  # one copy per state, not one indexing op per key
+            state = getattr(self, f"by_{op}")
+            state.copy_(torch.tensor(vals, dtype=state.dtype))
 
     def compute(self) -> dict[str, float]:
-        out = {}
-        for key, (op, i) in self._slot.items():
-            out[key] = float(getattr(self, f"by_{op}")[i])
-        return out
+        states = {op: getattr(self, f"by_{op}").tolist() for op in REDUCTIONS}
+        return {key: float(states[op][i]) for key, (op, i) in self._slot.items()}
 
 
 class _HasStats(Protocol):
@@ -266,6 +269,9 @@ class Telemetry:
 
     def reduce(self, values: Mapping[str, float]) -> dict[str, float]:
         """Reduce ``values`` across ranks (a collective: every rank calls it with the same keys)."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            self.last = {k: float(v) for k, v in values.items()}  # one rank: every reduction is the identity
+            return self.last
         self.metric.update(values)
         reduced = self.metric.compute()
         self.last = {k: reduced[k] for k in values}

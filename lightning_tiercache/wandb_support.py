@@ -2,7 +2,8 @@
 
 Imported by the callback only when one of the trainer's loggers is a ``WandbLogger``; the rest of the library
 never imports ``wandb``. Everything here runs on global rank zero (the logger's ``experiment`` is a dummy
-elsewhere).
+elsewhere); the callback gathers every rank's events there first (:func:`lightning_tiercache.events.gather_events`),
+so the events table holds all ranks' events, each row with the rank it came from.
 """
 
 from __future__ import annotations

@@ -33,9 +33,10 @@ def make_callback(spill: Path, **kw: Any) -> TierCacheCallback:
 def trainer(tmp_path: Path, cb: TierCacheCallback, **kw: Any) -> L.Trainer:
     kw.setdefault("max_steps", 4)
     kw.setdefault("log_every_n_steps", 2)
+    kw.setdefault("enable_progress_bar", False)
     return L.Trainer(
         default_root_dir=tmp_path, callbacks=[cb, *kw.pop("extra", [])], logger=CSVLogger(tmp_path),
-        enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
+        enable_checkpointing=False, enable_model_summary=False,
         limit_val_batches=2, num_sanity_val_steps=0, accelerator="cpu", **kw,
     )  # fmt: skip
 
@@ -66,6 +67,8 @@ def test_bad_arguments_fail_at_construction_naming_the_argument(tmp_path: Path) 
         TierCacheCallback(log_every_n_steps=0)
     with pytest.raises(ValueError, match="loss_reduction must be one of"):
         TierCacheCallback(oom_loss_reduction="median")
+    with pytest.raises(ValueError, match="offload_idle_probe_every=-1 must be an int >= 0"):
+        TierCacheCallback(offload_idle_probe_every=-1)
     with pytest.raises(ValueError, match="quant='int3' is not one of"):
         TierCacheCallback(kv_quant="int3")
 
@@ -96,8 +99,33 @@ def test_fit_logs_documented_keys_every_n_steps_and_cleans_up(tmp_path: Path, sp
     assert "training_step" not in vars(strategy)  # the OOM hook put the strategy back
 
 
+def test_offload_works_with_oom_recovery_off(tmp_path: Path, spill_parent: Path) -> None:
+    cb = make_callback(spill_parent, oom_recovery=False)
+    t = trainer(tmp_path, cb)
+    t.fit(Wide())
+    keys = {k for r in rows(t) for k, v in r.items() if k.startswith("tiercache/") and v != ""}
+    assert keys == keys_of("store", "system", "activations")  # no OOM metrics when recovery is off
+    assert float(cb.last_metrics["tiercache/activations/offloaded_bytes"]) > 0
+
+
+def test_steps_with_nothing_to_offload_run_without_saved_tensor_hooks(tmp_path: Path, spill_parent: Path) -> None:
+    cb = make_callback(spill_parent, min_offload_bytes="1MiB")
+    seen: dict[str, Any] = {}
+
+    class Peek(L.Callback):
+        def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            seen.update(cb.runtime.offloader.stats())
+
+    trainer(tmp_path, cb, max_steps=6, extra=[Peek()]).fit(Wide())
+    assert seen["steps"] == 1 and seen["idle_steps"] == 5  # the first forward checked; the rest skipped
+    assert seen["packed"] == 0
+
+
 def test_progress_bar_shows_a_short_summary(tmp_path: Path, spill_parent: Path) -> None:
     t = trainer(tmp_path, make_callback(spill_parent), log_every_n_steps=1)
+    t.fit(Wide())
+    assert not {"tc_hit", "tc_dev", "tc_mb"} & set(t.progress_bar_metrics)  # no bar: nothing for it
+    t = trainer(tmp_path, make_callback(spill_parent), log_every_n_steps=1, enable_progress_bar=True)
     t.fit(Wide())
     assert {"tc_hit", "tc_dev", "tc_mb"} <= set(t.progress_bar_metrics)
 

@@ -228,6 +228,44 @@ def test_epoch_logged_train_loss_is_weighted_by_micro_batch_size():
     assert t2.callback_metrics["train_loss"].item() == pytest.approx(t1.callback_metrics["train_loss"].item(), rel=1e-5)
 
 
+class Counted(Net):
+    """Logs and counts every training sample: a retried step must leave no trace of the failed attempt."""
+
+    def __init__(self) -> None:
+        super().__init__(log_train=True)
+        self.train_seen = torchmetrics.SumMetric()  # changes its state in place
+        self.train_err = torchmetrics.MeanMetric()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self.sizes.append(len(x))
+        err = (self(x) - y).square()
+        self.train_seen.update(torch.tensor(float(len(x))))
+        self.train_err.update(err.detach())
+        self.log("train_loss", err.mean(), on_step=False, on_epoch=True)
+        self.log("train_sum", err.detach().sum(), on_step=False, on_epoch=True, reduce_fx="sum")
+        return err.mean()
+
+
+@pytest.mark.parametrize("steps", [{0}, {3}], ids=["first-step", "after-learning"])
+def test_oom_after_logging_on_an_unsplit_step_counts_every_sample_once(steps):
+    plain = Counted()
+    t1 = _trainer()
+    t1.fit(plain, _data())
+    model = Counted()
+    injector = OOMInjector(above_batch_size=16, phase="backward", steps=steps).attach(model.l1)
+    hook = StepHook(OOMConfig(grow_back_after_steps=1))
+    t2 = _trainer([HookCallback(hook), injector.callback()])
+    t2.fit(model, _data())
+    assert injector.injected == 1
+    assert model.sizes.count(32) == 6  # five whole steps and the failed attempt; the retry ran 2 x 16
+    assert model.train_seen.compute().item() == N_SAMPLES
+    assert model.train_err.compute().item() == pytest.approx(plain.train_err.compute().item(), rel=1e-5)
+    for key in ("train_loss", "train_sum"):
+        assert t2.callback_metrics[key].item() == pytest.approx(t1.callback_metrics[key].item(), rel=1e-5), key
+    _assert_close(_weights(model), _weights(plain))
+
+
 def test_resume_from_checkpoint_restores_the_learned_split(tmp_path):
     model = Net()
     OOMInjector(above_batch_size=8).attach(model.l1)
@@ -290,8 +328,11 @@ def test_forward_context_wraps_every_training_forward():
     entered = []
 
     class Ctx:
+        def __init__(self, batch):
+            self.size = len(batch[0])
+
         def __enter__(self):
-            entered.append(1)
+            entered.append(self.size)
 
         def __exit__(self, *exc):
             return False
@@ -300,4 +341,4 @@ def test_forward_context_wraps_every_training_forward():
     OOMInjector(above_batch_size=16).attach(model.l1)
     hook = StepHook(OOMConfig(grow_back_after_steps=0), forward_context=Ctx)
     _trainer([HookCallback(hook)], max_steps=2).fit(model, _data())
-    assert len(entered) == 1 + 2 + 2  # failed whole batch, then two halves per step
+    assert entered == [32, 16, 16, 16, 16]  # failed whole batch, then two halves per step, each with its batch

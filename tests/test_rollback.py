@@ -1,0 +1,125 @@
+"""MetricSnapshots: exact rollback of metric states, cloning only states that are changed in place."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torchmetrics
+
+from lightning_tiercache.rollback import MetricSnapshots
+
+
+class InPlace(torchmetrics.Metric):
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("total", torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("seen", [], dist_reduce_fx="cat")
+
+    def update(self, x: torch.Tensor) -> None:
+        self.total += x.sum()
+        self.seen.append(x)
+
+    def compute(self) -> torch.Tensor:
+        return self.total
+
+
+class Replaced(torchmetrics.Metric):
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("total", torch.tensor(0.0), dist_reduce_fx="sum")
+        self.in_place = False
+
+    def update(self, x: torch.Tensor) -> None:
+        if self.in_place:
+            self.total += x.sum()
+        else:
+            self.total = self.total + x.sum()
+
+    def compute(self) -> torch.Tensor:
+        return self.total
+
+
+@pytest.mark.parametrize("cls", [InPlace, Replaced])
+def test_restore_undoes_an_update_exactly(cls: type[torchmetrics.Metric]) -> None:
+    snaps = MetricSnapshots()
+    m = cls()
+    for _ in range(4):  # the first steps learn, the later ones use what was learned
+        saved = snaps.save(m)
+        m.update(torch.tensor([1.0, 2.0]))
+        snaps.learn(m, saved)
+    assert m.compute().item() == 12.0
+    saved = snaps.save(m)
+    m.update(torch.tensor([100.0]))
+    snaps.restore(m, saved)
+    assert m.compute().item() == 12.0
+    assert m._update_count == 4
+    if cls is InPlace:
+        assert len(m.seen) == 4
+
+
+def test_only_states_changed_in_place_are_cloned() -> None:
+    snaps = MetricSnapshots()
+    a, b = InPlace(), Replaced()
+    for m in (a, b):
+        saved = snaps.save(m)
+        m.update(torch.tensor([1.0]))
+        snaps.learn(m, saved)
+    total_a = next(e for e in snaps.save(a) if e[0] == "total")
+    total_b = next(e for e in snaps.save(b) if e[0] == "total")
+    assert total_a[2] is not a.total  # cloned: update changes it in place
+    assert total_b[2] is b.total  # a reference: update replaces it
+
+
+def test_a_state_that_turns_in_place_is_cloned_again(caplog: pytest.LogCaptureFixture) -> None:
+    snaps = MetricSnapshots()
+    m = Replaced()
+    saved = snaps.save(m)
+    m.update(torch.tensor([1.0]))
+    snaps.learn(m, saved)
+    m.in_place = True
+    saved = snaps.save(m)  # by reference now
+    m.update(torch.tensor([5.0]))
+    snaps.learn(m, saved)  # learn sees the counter move: clone from now on
+    saved = snaps.save(m)
+    m.update(torch.tensor([7.0]))
+    snaps.restore(m, saved)
+    assert m.total.item() == 6.0
+    # The one case that cannot be exact (a referenced state changed in place on the failing step) is reported.
+    m2 = Replaced()
+    snaps2 = MetricSnapshots()
+    saved = snaps2.save(m2)
+    m2.update(torch.tensor([1.0]))
+    snaps2.learn(m2, saved)
+    m2.in_place = True
+    saved = snaps2.save(m2)
+    m2.update(torch.tensor([2.0]))
+    with caplog.at_level(logging.WARNING):
+        snaps2.restore(m2, saved)
+    assert "changed in place" in caplog.text
+    assert next(e for e in snaps2.save(m2) if e[0] == "total")[2] is not m2.total
+
+
+def test_inference_tensors_are_cloned() -> None:
+    snaps = MetricSnapshots()
+    with torch.inference_mode():
+        m = InPlace()
+        m.update(torch.tensor([1.0]))
+    saved = snaps.save(m)
+    with torch.inference_mode():
+        m.update(torch.tensor([3.0]))
+    snaps.learn(m, saved)
+    snaps.restore(m, saved)
+    assert m.total.item() == 1.0
+
+
+def test_a_step_that_did_not_touch_a_state_teaches_nothing() -> None:
+    snaps = MetricSnapshots()
+    m = InPlace()
+    saved = snaps.save(m)
+    snaps.learn(m, saved)  # no update this step: neither replaced nor changed
+    saved = snaps.save(m)
+    m.update(torch.tensor([4.0]))
+    snaps.restore(m, saved)
+    assert m.total.item() == 0.0
