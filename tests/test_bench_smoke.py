@@ -1,4 +1,4 @@
-"""Smoke tests of ``python -m lightning_tiercache.bench limits`` and ``... store`` at a tiny size.
+"""Smoke tests of ``python -m lightning_tiercache.bench limits``, ``... store`` and ``... overhead`` at a tiny size.
 
 They prove the benchmarks run end to end and emit well-formed JSON; they make no speed claims.
 """
@@ -88,3 +88,14 @@ def test_activation_like_is_deterministic_and_not_uniform_noise(kind, dtype):
 def test_activation_like_rejects_unknown_kind():
     with pytest.raises(ValueError, match="kind='relu' is not one of gelu, layernorm"):
         limits.activation_like(10, torch.float32, "relu")
+
+
+def test_overhead_json_reports_ratios_and_the_callbacks_own_time(capsys):
+    from lightning_tiercache.bench import overhead
+
+    argv = ["--json", "--repeats", "1", "--steps", "12", "--skip", "2", "--width", "32", "--batch", "4"]
+    out = _run(capsys, overhead, argv)
+    (row,) = out["rows"]
+    assert row["workload"] == "MLP 32 x 8, batch 4"
+    for key in ("plain_step_ms", "step_ratio", "fit_ratio", "self_us_per_step", "self_share"):
+        assert _positive(row[key]), (key, row)
