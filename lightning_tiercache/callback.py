@@ -12,6 +12,7 @@ from typing_extensions import override
 
 from lightning_tiercache.batch_copy import NextBatchCopier
 from lightning_tiercache.config import TierConfig, parse_bytes
+from lightning_tiercache.events import gather_events
 from lightning_tiercache.runtime import TierRuntime, kv_config, oom_config
 from lightning_tiercache.store import TierStore
 from lightning_tiercache.telemetry import Telemetry
@@ -395,8 +396,6 @@ class TierCacheCallback(Callback):
         reduced = self.telemetry.reduce(values)
         self.last_metrics.update(reduced)
         self.telemetry.log(trainer.loggers, reduced, step)
-        from lightning_tiercache.events import gather_events
-
         # Every rank drains and joins the gather (a collective, like the reduce above); rank zero alone has
         # the loggers and the W&B bridge, so it logs every rank's events, each with its own rank.
         pairs = rt.drain_events()
