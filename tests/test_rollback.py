@@ -72,13 +72,18 @@ def test_only_states_changed_in_place_are_cloned() -> None:
     assert total_b[2] is b.total  # a reference: update replaces it
 
 
-def test_a_state_that_turns_in_place_is_cloned_again(caplog: pytest.LogCaptureFixture) -> None:
-    snaps = MetricSnapshots()
-    m = Replaced()
+def _learned_replaced() -> tuple[MetricSnapshots, Replaced]:
+    """A ``Replaced`` metric after one learning step (its state is snapshotted by reference), now in place."""
+    snaps, m = MetricSnapshots(), Replaced()
     saved = snaps.save(m)
     m.update(torch.tensor([1.0]))
     snaps.learn(m, saved)
     m.in_place = True
+    return snaps, m
+
+
+def test_a_state_that_turns_in_place_is_cloned_again() -> None:
+    snaps, m = _learned_replaced()
     saved = snaps.save(m)  # by reference now
     m.update(torch.tensor([5.0]))
     snaps.learn(m, saved)  # learn sees the counter move: clone from now on
@@ -86,19 +91,17 @@ def test_a_state_that_turns_in_place_is_cloned_again(caplog: pytest.LogCaptureFi
     m.update(torch.tensor([7.0]))
     snaps.restore(m, saved)
     assert m.total.item() == 6.0
-    # The one case that cannot be exact (a referenced state changed in place on the failing step) is reported.
-    m2 = Replaced()
-    snaps2 = MetricSnapshots()
-    saved = snaps2.save(m2)
-    m2.update(torch.tensor([1.0]))
-    snaps2.learn(m2, saved)
-    m2.in_place = True
-    saved = snaps2.save(m2)
-    m2.update(torch.tensor([2.0]))
+
+
+def test_an_in_place_change_of_a_referenced_state_is_reported(caplog: pytest.LogCaptureFixture) -> None:
+    # The one case that cannot be exact: a referenced state changed in place on the failing step.
+    snaps, m = _learned_replaced()
+    saved = snaps.save(m)
+    m.update(torch.tensor([2.0]))
     with caplog.at_level(logging.WARNING):
-        snaps2.restore(m2, saved)
+        snaps.restore(m, saved)
     assert "changed in place" in caplog.text
-    assert next(e for e in snaps2.save(m2) if e[0] == "total")[2] is not m2.total
+    assert next(e for e in snaps.save(m) if e[0] == "total")[2] is not m.total
 
 
 def test_inference_tensors_are_cloned() -> None:
