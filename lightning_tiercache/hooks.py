@@ -505,16 +505,31 @@ class StepHook:
             self._stage = stage
             batch, rest = args[0], args[1:]
             self._module_parts()
+            results = getattr(self._trainer, "_results", None)
+            failed: str | None = None
+            # Note: [fast path] for eval: one process, one micro-batch: the step runs as is after a snapshot.
+            if self.eval_policy.micro_batches == 1 and self._installed_trainer().world_size == 1:
+                saved = self._save(results)
+                out, failed = _attempt(original, *args, **kwargs)
+                if failed is None:
+                    self._learn(saved)
+                    self.eval_policy.on_success()
+                    return out
+                self._restore(saved)
+                del saved
 
             def micro_step(part: Any) -> Any:
-                self._set_log_batch(part)
+                if part is not batch:
+                    self._set_log_batch(part, results)
                 return original(part, *rest, **kwargs)
 
             runner = self._runner(self.eval_policy)
             try:
-                result = runner.run_eval(batch, micro_step, save=self._save, restore=self._restore)
+                result = runner.run_eval(
+                    batch, micro_step, save=lambda: self._save(results), restore=self._restore, failed=failed
+                )
             finally:
-                self._set_log_batch(batch)
+                self._set_log_batch(batch, results)
             return runner.merge(result)
 
         return eval_step

@@ -340,11 +340,14 @@ class MicroBatchRunner:
         *,
         save: Callable[[], Any] | None = None,
         restore: Callable[[Any], None] | None = None,
+        failed: str | None = None,
     ) -> StepResult:
         """Run an eval step as micro-batches; on OOM keep what succeeded and split only the rest.
 
         ``save``/``restore`` wrap every micro-batch, so a micro-batch that runs out of memory after logging or
         updating a metric leaves no trace, and samples that succeeded are never run (or counted) twice.
+        ``failed``: as in :meth:`run_train`, the caller's own attempt of the whole batch at one micro-batch ran
+        out of memory with this message and was rolled back (single process only).
 
         Raises:
             OOMRecoveryError: out of memory at micro-batch size 1.
@@ -364,7 +367,11 @@ class MicroBatchRunner:
             part = queue.popleft()
             size = (batch_size_of(part) or 1) if part is not None else 0
             state = save() if save is not None else None
-            out, oom = _attempt(micro_step, part) if part is not None else (None, None)
+            oom: str | None
+            if failed is not None:  # the caller's attempt of this very part
+                out, oom, failed = None, failed, None
+            else:
+                out, oom = _attempt(micro_step, part) if part is not None else (None, None)
             agreed = self._agree(oom, size, k, total, retries0)
             mismatch = agreed.mismatch and first
             if not (agreed.oom or mismatch):

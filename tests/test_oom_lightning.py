@@ -207,6 +207,21 @@ def test_eval_split_keeps_succeeded_micro_batches_and_counts_each_sample_once():
     assert hook.stats()["eval_current_micro_batches"] == 4
 
 
+def test_eval_oom_after_unsplit_batches_counts_each_sample_once():
+    trainer = _trainer()
+    (plain,) = trainer.validate(Net(), _data(96), verbose=False)
+    model = Net()
+    # Batches 0 and 1 run whole (their snapshots learned), batch 2 fails whole after logging, then splits.
+    injector = OOMInjector(phase="forward", when=lambda p: p.call == 5).attach(model.l1)
+    hook = StepHook()
+    (metrics,) = _trainer([HookCallback(hook)]).validate(model, _data(96), verbose=False)
+    assert injector.injected == 1
+    for k in plain:
+        assert metrics[k] == pytest.approx(plain[k], rel=1e-6), k
+    assert model.val_calls == 2 + 1 + 2
+    assert hook.stats()["eval_current_micro_batches"] == 2
+
+
 def test_predict_outputs_are_reassembled_in_order():
     model = Net()
     plain = _trainer().predict(model, _data(64))
