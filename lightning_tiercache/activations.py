@@ -200,9 +200,14 @@ class ActivationOffloader:
         A forward that stored nothing lets later forwards of batches no larger run without the saved-tensor
         hooks (see :mod:`lightning_tiercache.idle`); ``with offloader:`` always installs them.
         """
+        ctx = self.context_for(batch)
+        return _IDLE if ctx is None else ctx
+
+    def context_for(self, batch: Any) -> ActivationOffloader | None:
+        """:meth:`for_batch`, with ``None`` instead of an empty context (for callers that skip the ``with``)."""
         shapes, skip = self.gate.check(batch)
         if skip:
-            return _IDLE
+            return None
         self._local.shapes = shapes
         return self
 

@@ -266,7 +266,8 @@ class TierCacheCallback(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self.runtime.set_weights_version(pl_module, trainer.global_step)  # KV of older weights is never served
+        if self.runtime.kv is not None:
+            self.runtime.set_weights_version(pl_module, trainer.global_step)  # KV of older weights is never served
         # Lightning logs this batch's metrics at ``_batches_that_stepped`` before it increments; match it.
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
         self._maybe_log(trainer, pl_module, "train", step, step)

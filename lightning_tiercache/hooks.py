@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -27,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import Metric
 
 from lightning_tiercache.errors import BatchSplitError
-from lightning_tiercache.microbatch import MicroBatchRunner, StepResult, _attempt, sync_gradients
+from lightning_tiercache.microbatch import MicroBatchRunner, StepResult, _attempt, oom_message, sync_gradients
 from lightning_tiercache.oom import MicroBatchPolicy, OOMConfig, RankAgreement, now
 from lightning_tiercache.rollback import MetricSnapshots
 from lightning_tiercache.split import merge_outputs
@@ -95,7 +96,7 @@ class StepHook:
         config: OOM recovery settings.
         store: the TierStore whose device tier is demoted (ladder step 2) before splitting.
         forward_context: ``forward_context(batch)`` gives the context entered around each training forward the
-            hook runs, with its (micro-)batch (e.g. ``ActivationOffloader.for_batch``).
+            hook runs, with its (micro-)batch, or ``None`` for none (e.g. ``ActivationOffloader.context_for``).
 
     Example::
 
@@ -109,7 +110,7 @@ class StepHook:
         self,
         config: OOMConfig | None = None,
         store: TierStore | None = None,
-        forward_context: Callable[[Any], AbstractContextManager[Any]] | None = None,
+        forward_context: Callable[[Any], AbstractContextManager[Any] | None] | None = None,
     ) -> None:
         self.config = config or OOMConfig()
         self.store = store
@@ -126,6 +127,7 @@ class StepHook:
         self._warned: set[str] = set()
         self._parts_key: tuple[int, int] | None = None
         self._snapshots = MetricSnapshots(_lightning_replaced())
+        self._is_metric: dict[type, bool] = {}
         self._parts: tuple[list[torch.Tensor], list[Any]] = ([], [])
 
     # ------------------------------------------------------------------ install
@@ -260,8 +262,15 @@ class StepHook:
             results = getattr(self._installed_trainer(), "_results", None)
         logged = dict(results) if results is not None else {}
         save = self._snapshots.save
-        metrics = [*self._parts[1], *(m for m in logged.values() if isinstance(m, Metric))]
-        return [(m, save(m)) for m in metrics], results, logged
+        kinds = self._is_metric
+        states = [(m, save(m)) for m in self._parts[1]]
+        for m in logged.values():
+            is_metric = kinds.get(type(m))
+            if is_metric is None:  # isinstance against torchmetrics' ABC is slow: once per type
+                is_metric = kinds[type(m)] = isinstance(m, Metric)
+            if is_metric:
+                states.append((m, save(m)))
+        return states, results, logged
 
     def _learn(self, saved: Any) -> None:
         learn = self._snapshots.learn
@@ -289,19 +298,17 @@ class StepHook:
     # ------------------------------------------------------------------ training
 
     def _wrap_train(self, original: Callable[..., Any], backward: Callable[..., Any]) -> Callable[..., Any]:
-        def training_step(*args: Any, **kwargs: Any) -> Any:
-            return self._training_step(original, backward, args, kwargs)
-
-        return training_step
+        return functools.partial(self._training_step, original, backward)
 
     def _forward(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        if self.forward_context is None:
+        ctx = None if self.forward_context is None else self.forward_context(args[0] if args else None)
+        if ctx is None:
             return fn(*args, **kwargs)
-        with self.forward_context(args[0] if args else None):
+        with ctx:
             return fn(*args, **kwargs)
 
     def _training_step(
-        self, original: Callable[..., Any], backward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+        self, original: Callable[..., Any], backward: Callable[..., Any], /, *args: Any, **kwargs: Any
     ) -> Any:
         trainer = self._installed_trainer()
         strategy = self._strategy
@@ -336,7 +343,19 @@ class StepHook:
         buffers = self._module_parts()[0]
         step.buffers = [b.detach().clone() for b in buffers]
         step.saved = self._save(step.results)
-        out, failed = _attempt(self._forward, step.original, *step.args, **step.kwargs)
+        out, failed = None, None
+        try:  # inline rather than through helpers: this runs every step
+            ctx = None if self.forward_context is None else self.forward_context(step.args[0])
+            if ctx is None:
+                out = step.original(*step.args, **step.kwargs)
+            else:
+                with ctx:
+                    out = step.original(*step.args, **step.kwargs)
+        except Exception as exc:
+            failed = oom_message(exc)
+            if failed is None:
+                raise
+        # Note: [oom references] the exception and its frames are gone here.
         if failed is None:
             if out is None:  # a skipped batch: no backward follows
                 self.train_policy.on_success()
@@ -462,7 +481,13 @@ class StepHook:
         kwargs: dict[str, Any],
     ) -> Any:
         """The closure's backward of an unsplit step (Note: [fast path]); on OOM, the step again, split."""
-        out, failed = _attempt(original, closure_loss, *args, **kwargs)
+        failed = None
+        try:
+            out = original(closure_loss, *args, **kwargs)
+        except Exception as exc:
+            failed = oom_message(exc)
+            if failed is None:
+                raise
         if failed is None:
             self._learn(step.saved)
             self.train_policy.on_success()

@@ -33,6 +33,8 @@ def batch_shapes(batch: Any) -> Any:
     if isinstance(batch, torch.Tensor):
         return (batch.shape, batch.dtype.itemsize)  # torch.Size is a tuple
     if isinstance(batch, list | tuple):
+        if all(type(item) is torch.Tensor for item in batch):  # the common flat batch, without recursion
+            return ("seq", tuple((item.shape, item.dtype.itemsize) for item in batch))
         out = []
         for item in batch:
             s = batch_shapes(item)

@@ -43,7 +43,7 @@ from lightning_tiercache.oom import (
 )
 from lightning_tiercache.split import SplitFn, batch_size_of, merge_outputs, split_batch
 
-__all__ = ["MicroBatchRunner", "StepResult", "micro_batches", "sync_gradients"]
+__all__ = ["MicroBatchRunner", "StepResult", "micro_batches", "oom_message", "sync_gradients"]
 
 log = logging.getLogger(__name__)
 
@@ -87,14 +87,21 @@ def micro_batches(
     return list(zip(parts, _shares(sizes, loss_reduction), strict=True))
 
 
+def oom_message(exc: BaseException) -> str | None:
+    """A one-line description of ``exc`` if it is an out-of-memory error, else ``None``."""
+    if not is_oom_error(exc):
+        return None
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+
+
 def _attempt(fn: Callable[..., Any], *args: Any) -> tuple[Any, str | None]:
     """Call ``fn``; return ``(result, None)``, or ``(None, message)`` if it ran out of memory."""
     try:
         return fn(*args), None
     except Exception as exc:
-        if not is_oom_error(exc):
+        message = oom_message(exc)
+        if message is None:
             raise
-        message = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
     # Note: [oom references] `exc` and its traceback are released here, before the caller recovers.
     return None, message
 

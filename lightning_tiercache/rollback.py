@@ -64,8 +64,9 @@ class MetricSnapshots:
         out: Snapshot = []
         by_ref = self._by_ref
         cls = type(metric)
+        own = vars(metric)  # torchmetrics keeps states as plain attributes; a miss goes through getattr
         for name in getattr(metric, "_defaults", ()):
-            v = getattr(metric, name)
+            v = own[name] if name in own else getattr(metric, name)
             if isinstance(v, torch.Tensor):
                 if v.is_inference():  # no version counter to learn from (eval under inference_mode)
                     out.append((name, _CLONE, v.clone(), None, 0))
@@ -77,8 +78,7 @@ class MetricSnapshots:
                 out.append((name, _LENGTH, len(v), None, 0))
             else:
                 out.append((name, _VALUE, v, None, 0))
-        own = vars(metric)  # a missing name would cost a trip through nn.Module.__getattr__
-        for attr in _ATTRS:
+        for attr in _ATTRS:  # a missing name would cost a trip through nn.Module.__getattr__
             out.append((attr, _ATTR, own.get(attr, _ABSENT), None, 0))
         return out
 

@@ -108,7 +108,7 @@ class TierRuntime:
     def _forward_context(self) -> Callable[[Any], Any] | None:
         if self.offloader is None:
             return None
-        return self.offloader.for_batch
+        return self.offloader.context_for
 
     def set_weights_version(self, module: torch.nn.Module, step: int | None) -> None:
         """Name the current weights in KV block keys: the base version, plus ``step`` while training."""

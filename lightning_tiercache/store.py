@@ -394,6 +394,8 @@ class TierStore:
 
     def settle(self, timeout_s: float | None = None) -> None:
         """Wait until no move is in flight (moves that start meanwhile are waited for too)."""
+        if not self._inflight:  # the common case at a batch boundary; a set's truth value reads atomically
+            return
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             with self._inflight_lock:

@@ -84,14 +84,16 @@ def _fit(model_cls: Any, steps: int, with_callback: bool, clock: Any = time.perf
     return total, [b - a for a, b in itertools.pairwise(starts)]
 
 
-def _self_time(model_cls: Any, steps: int, skip: int) -> float:
-    """Seconds per step spent in the callback's own code: its batch hooks and the strategy hook's wrappers
-    minus the training step and backward they call. Timers wrap each piece, so this is an upper bound."""
+def _self_time(model_cls: Any, steps: int, skip: int) -> tuple[float, float]:
+    """Seconds per step spent in the callback's own code (its batch hooks and the strategy hook's wrappers
+    minus the training step and backward they call), and that time over the same fit's median step, which
+    cancels a shared machine's changing speed. Timers wrap each piece, so both are upper bounds."""
     import lightning as L
 
     from lightning_tiercache.callback import TierCacheCallback
 
     spent = {"self": 0.0, "steps": 0}
+    starts: list[float] = []
 
     def timed(fn: Any, sign: float) -> Any:
         def call(*args: Any, **kwargs: Any) -> Any:
@@ -117,6 +119,7 @@ def _self_time(model_cls: Any, steps: int, skip: int) -> float:
                 vars(trainer.strategy).pop(name, None)
 
         def on_train_batch_start(self, *args: Any) -> None:
+            starts.append(time.perf_counter())
             spent["steps"] += 1
             timed(super().on_train_batch_start, 1.0)(*args)
 
@@ -128,7 +131,8 @@ def _self_time(model_cls: Any, steps: int, skip: int) -> float:
         enable_progress_bar=False, enable_model_summary=False, callbacks=[Timed()],
     )  # fmt: skip
     trainer.fit(model_cls())
-    return spent["self"] / max(1, spent["steps"] - skip - 1)
+    own = spent["self"] / max(1, spent["steps"] - skip - 1)
+    return own, own / median([b - a for a, b in itertools.pairwise(starts[skip:])])
 
 
 def _workload(width: int, depth: int, batch: int, steps: int, repeats: int, skip: int, clock: Any) -> dict[str, Any]:
@@ -146,14 +150,14 @@ def _workload(width: int, depth: int, batch: int, steps: int, repeats: int, skip
     ratios = [c / p for p, c in zip(step["plain"], step["callback"], strict=True)]
     fit_ratios = [c / p for p, c in zip(total["plain"], total["callback"], strict=True)]
     plain_step = median(step["plain"])
-    own = median([_self_time(model_cls, steps, skip) for _ in range(3)])
+    own = [_self_time(model_cls, steps, skip) for _ in range(5)]
     return {
         "workload": f"MLP {width} x {depth}, batch {batch}",
         "plain_step_ms": plain_step * 1e3,
         "step_ratio": median(ratios),
         "fixed_us_per_step": (median(step["callback"]) - plain_step) * 1e6,
-        "self_us_per_step": own * 1e6,
-        "self_share": own / plain_step,
+        "self_us_per_step": median([t for t, _ in own]) * 1e6,
+        "self_share": median([share for _, share in own]),
         "fit_ratio": median(fit_ratios),
         "one_off_ms": (median(total["callback"]) - median(total["plain"])) * 1e3,
     }
