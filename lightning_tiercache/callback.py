@@ -171,6 +171,8 @@ class TierCacheCallback(Callback):
         self._stage: str | None = None
         self._eval_batches = 0
         self._last_logged: tuple[str, int] | None = None
+        self._bar_values: dict[str, float | int] = {}
+        self._bar_patch: tuple[Any, bool, Any] | None = None
 
     @property
     def store(self) -> TierStore | None:
@@ -208,6 +210,7 @@ class TierCacheCallback(Callback):
             self.copier.install(trainer)
         every = self.log_every_n_steps or max(1, int(getattr(trainer, "log_every_n_steps", 50) or 1))
         self.telemetry = Telemetry(every, device=device)
+        self._show_on_progress_bar(trainer)
         if self.wandb_extras and trainer.is_global_zero:
             from lightning_tiercache.wandb_support import find_wandb_logger
 
@@ -365,20 +368,34 @@ class TierCacheCallback(Callback):
         if self.telemetry is None or not self.telemetry.due(index):
             return
         self._log_now(trainer, stage, step)
-        # The progress bar keeps the last values shown, so refreshing them on logging steps is enough. Without a
-        # bar nothing is logged: Lightning would carry the keys through every later step for nobody.
-        if self.progress_bar and pl_module is not None and self.telemetry.last and trainer.progress_bar_callback:
-            last = self.telemetry.last
-            bar = {
-                "tc_hit": last.get("tiercache/hit_rate", 1.0),
-                "tc_dev": last.get("tiercache/device/budget_use", 0.0),
-            }
-            if "tiercache/oom/micro_batches" in last:
-                bar["tc_mb"] = last["tiercache/oom/micro_batches"]
-            for name, value in bar.items():
-                pl_module.log(
-                    name, float(value), prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=1
-                )
+
+    def _show_on_progress_bar(self, trainer: pl.Trainer) -> None:
+        """Add the summary to the progress bar's ``get_metrics`` (its documented override point).
+
+        Wrapping that one method, instead of ``self.log(..., prog_bar=True)``, costs nothing per step: logged
+        keys would be carried through every later step's result processing.
+        """
+        bar = trainer.progress_bar_callback
+        if not self.progress_bar or bar is None or self._bar_patch is not None:
+            return
+        original = bar.get_metrics
+        values = self._bar_values
+
+        def get_metrics(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+            return {**original(trainer, pl_module), **values}
+
+        self._bar_patch = (bar, "get_metrics" in vars(bar), vars(bar).get("get_metrics"))
+        bar.get_metrics = get_metrics  # type: ignore[method-assign]
+
+    def _hide_from_progress_bar(self) -> None:
+        if self._bar_patch is None:
+            return
+        bar, had, value = self._bar_patch
+        self._bar_patch = None
+        if had:
+            bar.get_metrics = value
+        else:
+            vars(bar).pop("get_metrics", None)
 
     def _log_now(self, trainer: pl.Trainer, stage: str, step: int) -> None:
         """Sample, reduce across ranks (a collective: every rank gets here at the same step) and log."""
@@ -396,6 +413,11 @@ class TierCacheCallback(Callback):
         )
         reduced = self.telemetry.reduce(values)
         self.last_metrics.update(reduced)
+        if self._bar_patch is not None:
+            self._bar_values["tc_hit"] = round(reduced.get("tiercache/hit_rate", 1.0), 3)
+            self._bar_values["tc_dev"] = round(reduced.get("tiercache/device/budget_use", 0.0), 3)
+            if "tiercache/oom/micro_batches" in reduced:
+                self._bar_values["tc_mb"] = int(reduced["tiercache/oom/micro_batches"])
         self.telemetry.log(trainer.loggers, reduced, step)
         # Every rank drains and joins the gather (a collective, like the reduce above); rank zero alone has
         # the loggers and the W&B bridge, so it logs every rank's events, each with its own rank.
@@ -418,6 +440,7 @@ class TierCacheCallback(Callback):
         self._eval_batches = 0
         wandb_bridge, self._wandb = self._wandb, None
         try:
+            self._hide_from_progress_bar()
             self.runtime.close()
         finally:
             if self.copier is not None:

@@ -122,12 +122,19 @@ def test_steps_with_nothing_to_offload_run_without_saved_tensor_hooks(tmp_path: 
 
 
 def test_progress_bar_shows_a_short_summary(tmp_path: Path, spill_parent: Path) -> None:
-    t = trainer(tmp_path, make_callback(spill_parent), log_every_n_steps=1)
+    shown: dict[str, Any] = {}
+
+    class Peek(L.Callback):
+        def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            shown.update(trainer.progress_bar_callback.get_metrics(trainer, pl_module))
+
+    t = trainer(tmp_path, make_callback(spill_parent), log_every_n_steps=1, enable_progress_bar=True, extra=[Peek()])
+    bar = t.progress_bar_callback
     t.fit(Wide())
-    assert not {"tc_hit", "tc_dev", "tc_mb"} & set(t.progress_bar_metrics)  # no bar: nothing for it
-    t = trainer(tmp_path, make_callback(spill_parent), log_every_n_steps=1, enable_progress_bar=True)
-    t.fit(Wide())
-    assert {"tc_hit", "tc_dev", "tc_mb"} <= set(t.progress_bar_metrics)
+    assert {"tc_hit", "tc_dev", "tc_mb"} <= set(shown)
+    assert shown["tc_mb"] == 1 and 0 <= shown["tc_hit"] <= 1
+    assert "get_metrics" not in vars(bar)  # put back at teardown
+    assert not {"tc_hit", "tc_dev", "tc_mb"} & set(t.progress_bar_metrics)  # never logged through self.log
 
 
 class Boom(L.Callback):
