@@ -328,9 +328,12 @@ class StepHook:
         ):
             return self._forward(original, *args, **kwargs)
         step = _Step(original, backward, args, kwargs, optimizers[0], trainer.accumulate_grad_batches)
-        step.results = getattr(trainer, "_results", None)
+        epoch_loop = trainer.fit_loop.epoch_loop
+        # The training loop's results (what `trainer._results` resolves to here, without its state checks).
+        results = getattr(epoch_loop, "_results", None)
+        step.results = results if results is not None else getattr(trainer, "_results", None)
         world = trainer.world_size
-        window_start = trainer.fit_loop.epoch_loop.batch_idx % step.accumulate == 0
+        window_start = epoch_loop.batch_idx % step.accumulate == 0
         if window_start and world == 1 and self.train_policy.micro_batches == 1:
             return self._unsplit_step(step)
         return self._split_step(step, world, window_start, None)
