@@ -5,6 +5,8 @@ The hook is installed by a test-local callback until ``TierCacheCallback`` wires
 
 from __future__ import annotations
 
+import weakref
+
 import lightning as L
 import pytest
 import torch
@@ -279,6 +281,35 @@ def test_oom_after_logging_on_an_unsplit_step_counts_every_sample_once(steps):
     for key in ("train_loss", "train_sum"):
         assert t2.callback_metrics[key].item() == pytest.approx(t1.callback_metrics[key].item(), rel=1e-5), key
     _assert_close(_weights(model), _weights(plain))
+
+
+class Watched(Net):
+    """Keeps a weak reference to an activation autograd saves, to see when the failed attempt's graph dies."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.saved: list[weakref.ref[torch.Tensor]] = []
+        self.alive_at_retry: list[bool] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        if len(x) < 32:  # a micro-batch of the retry: is the whole batch's graph gone?
+            self.alive_at_retry.append(any(r() is not None for r in self.saved))
+        h = torch.tanh(self.l1(x))  # tanh saves its output for backward
+        if len(x) == 32:
+            self.saved.append(weakref.ref(h))
+        return nn.functional.mse_loss(self.l2(h), y)
+
+
+def test_oom_in_the_closures_backward_frees_the_failed_graph_before_the_retry():
+    model = Watched()
+    # Fail in l2's backward: tanh's backward has not run yet, so its saved output lives as long as the graph.
+    injector = OOMInjector(above_batch_size=16, phase="backward", steps={0}).attach(model.l2)
+    _trainer([HookCallback(StepHook(OOMConfig(grow_back_after_steps=0))), injector.callback()], max_steps=1).fit(
+        model, _data()
+    )
+    assert injector.injected == 1
+    assert model.alive_at_retry == [False, False]  # the loss was detached: the saved tanh output was freed
 
 
 def test_resume_from_checkpoint_restores_the_learned_split(tmp_path):
