@@ -132,15 +132,18 @@ class CorpusDataModule(L.LightningDataModule):
         width = min(len(p) for p, _ in rows)  # equal lengths: the tail of the question is cut, no padding needed
         self.prompt_set = _Prompts([(p[:width], t) for p, t in rows[: hp.num_prompts]])
 
+    def _loader(self, data: Dataset[Any], **kwargs: Any) -> DataLoader[Any]:
+        # Pinned host batches let the callback's next-batch copy overlap with compute on CUDA.
+        return DataLoader(data, batch_size=self.hparams.batch_size, pin_memory=torch.cuda.is_available(), **kwargs)
+
     def train_dataloader(self) -> DataLoader[Any]:
-        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True, drop_last=True)
+        return self._loader(self.train_set, shuffle=True, drop_last=True)
 
     def val_dataloader(self) -> DataLoader[Any]:
-        data = self.prompt_set if self.hparams.val_task == "fewshot" else self.lm_set
-        return DataLoader(data, batch_size=self.hparams.batch_size)
+        return self._loader(self.prompt_set if self.hparams.val_task == "fewshot" else self.lm_set)
 
     def test_dataloader(self) -> DataLoader[Any]:
-        return DataLoader(self.prompt_set, batch_size=self.hparams.batch_size)
+        return self._loader(self.prompt_set)
 
 
 def _flat(text: str) -> str:
