@@ -261,9 +261,13 @@ class TierCacheCallback(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self.runtime.batch_start(batch, eval=False)
+        self._batch_start(trainer, batch, eval=False)
+
+    def _batch_start(self, trainer: pl.Trainer, batch: Any, *, eval: bool) -> None:
+        """Settle the store, prefetch the batch's KV blocks (eval) and start copying the next batch (CUDA)."""
+        self.runtime.batch_start(batch, eval=eval)
         if self.copier is not None:
-            self.copier.copy_next(trainer, eval=False)
+            self.copier.copy_next(trainer, eval=eval)
 
     @override
     def on_train_batch_end(
@@ -290,9 +294,7 @@ class TierCacheCallback(Callback):
     def on_validation_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        self.runtime.batch_start(batch, eval=True)
-        if self.copier is not None:
-            self.copier.copy_next(trainer, eval=True)
+        self._batch_start(trainer, batch, eval=True)
 
     @override
     def on_validation_batch_end(
@@ -316,9 +318,7 @@ class TierCacheCallback(Callback):
     def on_test_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        self.runtime.batch_start(batch, eval=True)
-        if self.copier is not None:
-            self.copier.copy_next(trainer, eval=True)
+        self._batch_start(trainer, batch, eval=True)
 
     @override
     def on_test_batch_end(
@@ -340,9 +340,7 @@ class TierCacheCallback(Callback):
     def on_predict_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        self.runtime.batch_start(batch, eval=True)
-        if self.copier is not None:
-            self.copier.copy_next(trainer, eval=True)
+        self._batch_start(trainer, batch, eval=True)
 
     @override
     def on_predict_batch_end(

@@ -411,22 +411,7 @@ class StepHook:
                 "rank in backward can leave the other ranks waiting in the strategy's own collectives",
             )
         must_sync = ddp is not None and bool(ddp.require_backward_grad_sync)
-        batch = step.args[0]
-        self._module_parts()
-        try:
-            result = self._runner(self.train_policy).run_train(
-                batch,
-                self._micro_step(step),
-                params,
-                ddp=ddp,
-                buffers=self._parts[0],
-                save=lambda: self._save(step.results),
-                restore=self._restore,
-                combine=False,
-                failed=failed,
-            )
-        finally:
-            self._set_log_batch(batch, step.results)
+        result = self._run_split(step, params, failed, ddp=ddp, combine=False)
         if result.grads is None:  # run_train(combine=False) always returns the step's grads
             raise RuntimeError("tiercache oom: the micro-batch runner returned no gradients")
         if all(o is None for o in result.outputs):
@@ -503,24 +488,34 @@ class StepHook:
         for p in params:  # the window's first batch: Lightning zeroed them just before this backward
             p.grad = None
         self._rollback(step)
-        self._module_parts()
         # `self.log` names values after the hook Lightning is in: this is still the training step's work.
         module = self._strategy.lightning_module
         fx, module._current_fx_name = module._current_fx_name, "training_step"
         try:
-            self._runner(self.train_policy).run_train(
+            self._run_split(step, params, failed, combine=True)
+        finally:
+            module._current_fx_name = fx
+        return closure_loss
+
+    def _run_split(
+        self, step: _Step, params: list[torch.Tensor], failed: str | None, *, ddp: Any = None, combine: bool
+    ) -> StepResult:
+        """The micro-batch runner on ``step``'s batch (``failed``: the unsplit attempt's OOM, rolled back)."""
+        self._module_parts()
+        try:
+            return self._runner(self.train_policy).run_train(
                 step.args[0],
                 self._micro_step(step),
                 params,
+                ddp=ddp,
                 buffers=self._parts[0],
                 save=lambda: self._save(step.results),
                 restore=self._restore,
+                combine=combine,
                 failed=failed,
             )
         finally:
-            module._current_fx_name = fx
             self._set_log_batch(step.args[0], step.results)
-        return closure_loss
 
     # ------------------------------------------------------------------ eval
 
