@@ -47,6 +47,17 @@ _WRAPPED = ("training_step", "backward", *_EVAL_STEPS)
 
 
 @dataclasses.dataclass(slots=True)
+class _TrainPlan:
+    """What the training steps of one epoch read from the Trainer (see :meth:`StepHook._train_plan`)."""
+
+    epoch_loop: Any
+    hooked: bool  # automatic optimization, optimizers, and a strategy that leaves accumulation to Lightning
+    accumulate: int
+    world: int
+    results: Any
+
+
+@dataclasses.dataclass(slots=True)
 class _Step:
     """One training step's call, kept until its backward for a retry (Note: [fast path])."""
 
@@ -54,11 +65,10 @@ class _Step:
     backward: Callable[..., Any]
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
-    optimizer: Any
     accumulate: int
     results: Any = None
-    buffers: list[torch.Tensor] | None = None
-    saved: Any = None
+    buffers: list[torch.Tensor] | None = None  # clones of the module's buffers before the step
+    saved: Any = None  # what `StepHook._save` returned before the step
 
 
 @dataclasses.dataclass
@@ -122,13 +132,14 @@ class StepHook:
         self._strategy: Any = None
         self._saved: dict[str, tuple[bool, Any]] = {}
         self._pending: _Pending | None = None
-        self._retry: _Step | None = None
+        self._retry: tuple[Any, ...] | None = None  # a `_Step`'s fields (Note: [fast path])
         self._stage = "train"
         self._warned: set[str] = set()
         self._parts_key: tuple[int, int] | None = None
         self._snapshots = MetricSnapshots(_lightning_replaced())
         self._is_metric: dict[type, bool] = {}
         self._parts: tuple[list[torch.Tensor], list[Any]] = ([], [])
+        self._plan: _TrainPlan | None = None
 
     # ------------------------------------------------------------------ install
 
@@ -166,6 +177,7 @@ class StepHook:
         self._pending = self._retry = None
         self._parts_key = None
         self._parts = ([], [])
+        self._plan = None
 
     @contextlib.contextmanager
     def installed_on(self, trainer: pl.Trainer) -> Any:
@@ -263,7 +275,9 @@ class StepHook:
         logged = dict(results) if results is not None else {}
         save = self._snapshots.save
         kinds = self._is_metric
-        states = [(m, save(m)) for m in self._parts[1]]
+        states: list[tuple[Any, Any]] = []
+        for m in self._parts[1]:  # a loop, not a comprehension: no frame of its own on this per-step path
+            states.append((m, save(m)))
         for m in logged.values():
             is_metric = kinds.get(type(m))
             if is_metric is None:  # isinstance against torchmetrics' ABC is slow: once per type
@@ -310,63 +324,75 @@ class StepHook:
     def _training_step(
         self, original: Callable[..., Any], backward: Callable[..., Any], /, *args: Any, **kwargs: Any
     ) -> Any:
-        trainer = self._installed_trainer()
-        strategy = self._strategy
-        module = strategy.lightning_module
+        trainer = self._trainer
+        if trainer is None:
+            trainer = self._installed_trainer()  # raises
         self._stage = "train"
         self._retry = None
         if self._pending is not None:
             self._warn_once("pending", "tiercache oom: backward was skipped after a training step; dropping its grads")
             self._pending = None
-        optimizers = strategy.optimizers
-        if (
-            not self.config.enabled
-            or not args
-            or not module.automatic_optimization
-            or not optimizers
-            or getattr(strategy, "handles_gradient_accumulation", False)
-        ):
-            return self._forward(original, *args, **kwargs)
-        step = _Step(original, backward, args, kwargs, optimizers[0], trainer.accumulate_grad_batches)
         epoch_loop = trainer.fit_loop.epoch_loop
-        # The training loop's results (what `trainer._results` resolves to here, without its state checks).
-        results = getattr(epoch_loop, "_results", None)
-        step.results = results if results is not None else getattr(trainer, "_results", None)
-        world = trainer.world_size
-        window_start = epoch_loop.batch_idx % step.accumulate == 0
-        if window_start and world == 1 and self.train_policy.micro_batches == 1:
-            return self._unsplit_step(step)
-        return self._split_step(step, world, window_start, None)
-
-    def _unsplit_step(self, step: _Step) -> Any:
-        """Note: [fast path] one process, one micro-batch, first batch of an accumulation window: the step runs
-        as if the hook were not there (forward here, backward in the closure), after a snapshot of what it may
-        log. An OOM in forward rolls back and splits here; one in the closure's backward drops the failed
-        graph, rolls back and runs the split step inside that ``backward`` call (see :meth:`_wrap_backward`)."""
-        buffers = self._module_parts()[0]
-        step.buffers = [b.detach().clone() for b in buffers]
-        step.saved = self._save(step.results)
+        batch_idx = epoch_loop.batch_idx
+        plan = self._plan
+        if plan is None or batch_idx == 0 or plan.epoch_loop is not epoch_loop:
+            plan = self._plan = self._train_plan(trainer, epoch_loop)
+        if not (self.config.enabled and args and plan.hooked):
+            return self._forward(original, *args, **kwargs)
+        window_start = batch_idx % plan.accumulate == 0
+        if not (window_start and plan.world == 1 and self.train_policy.micro_batches == 1):
+            step = _Step(original, backward, args, kwargs, plan.accumulate, plan.results)
+            return self._split_step(step, plan.world, window_start, None)
+        # Note: [fast path] one process, one micro-batch, first batch of an accumulation window: the step runs as if
+        # the hook were not there (forward here, backward in the closure), after a snapshot of what it may log. An
+        # OOM in forward rolls back and splits here; one in the closure's backward drops the failed graph, rolls
+        # back and runs the split step inside that `backward` call (see `_wrap_backward`). This runs every step,
+        # so it is written out inline, and what a retry needs waits in a tuple (fields of `_Step`, in order).
+        buffers = self._parts[0]  # looked up on the epoch's first batch (see `_train_plan`)
+        clones = [b.detach().clone() for b in buffers] if buffers else None
+        saved = self._save(plan.results)
         out, failed = None, None
-        try:  # inline rather than through helpers: this runs every step
-            ctx = None if self.forward_context is None else self.forward_context(step.args[0])
+        try:
+            ctx = None if self.forward_context is None else self.forward_context(args[0])
             if ctx is None:
-                out = step.original(*step.args, **step.kwargs)
+                out = original(*args, **kwargs)
             else:
                 with ctx:
-                    out = step.original(*step.args, **step.kwargs)
+                    out = original(*args, **kwargs)
         except Exception as exc:
             failed = oom_message(exc)
             if failed is None:
                 raise
         # Note: [oom references] the exception and its frames are gone here.
+        retry = (original, backward, args, kwargs, plan.accumulate, plan.results, clones, saved)
         if failed is None:
             if out is None:  # a skipped batch: no backward follows
                 self.train_policy.on_success()
             else:
-                self._retry = step
+                self._retry = retry
             return out
+        step = _Step(*retry)
         self._rollback(step)
         return self._split_step(step, 1, True, failed)
+
+    def _train_plan(self, trainer: pl.Trainer, epoch_loop: Any) -> _TrainPlan:
+        """What a training step reads from the Trainer that holds for an epoch, looked up again on each epoch's
+        first batch: accumulation can change there (``GradientAccumulationScheduler``), and so can the module's
+        buffers and metrics (:meth:`_module_parts`)."""
+        strategy = self._strategy
+        module = strategy.lightning_module
+        self._module_parts()
+        # The training loop's results (what `trainer._results` resolves to here, without its state checks).
+        results = getattr(epoch_loop, "_results", None)
+        return _TrainPlan(
+            epoch_loop=epoch_loop,
+            hooked=bool(module.automatic_optimization)
+            and bool(strategy.optimizers)
+            and not getattr(strategy, "handles_gradient_accumulation", False),
+            accumulate=trainer.accumulate_grad_batches,
+            world=trainer.world_size,
+            results=results if results is not None else getattr(trainer, "_results", None),
+        )
 
     def _rollback(self, step: _Step) -> None:
         for b, v in zip(self._parts[0], step.buffers or [], strict=True):
@@ -381,6 +407,7 @@ class StepHook:
 
     def _micro_step(self, step: _Step) -> Callable[[Any, float], Any]:
         batch, rest, kwargs, accumulate = step.args[0], step.args[1:], step.kwargs, step.accumulate
+        optimizer = self._strategy.optimizers[0]
 
         def micro_step(part: Any, scale: float) -> Any:
             if part is not batch:  # Lightning set the whole batch before this call
@@ -389,7 +416,7 @@ class StepHook:
             loss = out.get("loss") if isinstance(out, Mapping) else out
             if isinstance(loss, torch.Tensor):
                 scaled = loss if scale == 1.0 else loss * scale
-                step.backward(scaled if accumulate == 1 else scaled / accumulate, step.optimizer)
+                step.backward(scaled if accumulate == 1 else scaled / accumulate, optimizer)
             return _detach(out)
 
         return micro_step
@@ -397,7 +424,7 @@ class StepHook:
     def _split_step(self, step: _Step, world: int, window_start: bool, failed: str | None) -> Any:
         """Run the step through the micro-batch runner: forward and backward here, gradients handed to the
         closure's ``backward`` (Note: [no hang] under DDP)."""
-        params = self._params(step.optimizer)
+        params = self._params(self._strategy.optimizers[0])
         # Note: [stale grads] on the first batch of an accumulation window Lightning zeroes the grads right after
         # this call; release them now so a failed attempt's memory does not sit next to stale gradients.
         if window_start:
@@ -441,8 +468,21 @@ class StepHook:
     def _wrap_backward(self, original: Callable[..., Any]) -> Callable[..., Any]:
         def backward(closure_loss: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             retry, self._retry = self._retry, None
-            if retry is not None:
-                return self._unsplit_backward(retry, original, closure_loss, args, kwargs)
+            if retry is not None:  # the backward of an unsplit step (Note: [fast path]), inline: it runs every step
+                failed = None
+                try:
+                    out = original(closure_loss, *args, **kwargs)
+                except Exception as exc:
+                    failed = oom_message(exc)
+                    if failed is None:
+                        raise
+                if failed is not None:  # Note: [oom references] outside the `except`: the exception is gone
+                    return self._unsplit_backward_failed(retry, closure_loss, failed)
+                learn = self._snapshots.learn
+                for m, saved in retry[-1][0]:  # the `saved` field: (metric, snapshot) pairs first
+                    learn(m, saved)
+                self.train_policy.on_success()
+                return out
             pending, self._pending = self._pending, None
             if pending is None:
                 return original(closure_loss, *args, **kwargs)
@@ -460,31 +500,14 @@ class StepHook:
 
         return backward
 
-    def _unsplit_backward(
-        self,
-        step: _Step,
-        original: Callable[..., Any],
-        closure_loss: torch.Tensor,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> Any:
-        """The closure's backward of an unsplit step (Note: [fast path]); on OOM, the step again, split."""
-        failed = None
-        try:
-            out = original(closure_loss, *args, **kwargs)
-        except Exception as exc:
-            failed = oom_message(exc)
-            if failed is None:
-                raise
-        if failed is None:
-            self._learn(step.saved)
-            self.train_policy.on_success()
-            return out
+    def _unsplit_backward_failed(self, retry: tuple[Any, ...], closure_loss: torch.Tensor, failed: str) -> Any:
+        """The closure's backward of an unsplit step ran out of memory: the step again, split (Note: [fast path])."""
+        step = _Step(*retry)
         # Note: [oom references] the closure still holds the loss, and through it the failed graph's saved
         # tensors: cut it loose so the retry has that memory. A view cannot be detached in place (it is kept).
         with contextlib.suppress(RuntimeError):
             closure_loss.detach_()
-        params = self._params(step.optimizer)
+        params = self._params(self._strategy.optimizers[0])
         for p in params:  # the window's first batch: Lightning zeroed them just before this backward
             p.grad = None
         self._rollback(step)

@@ -22,6 +22,7 @@ __all__ = ["IdleGate", "batch_shapes", "covers"]
 
 _MAX_SHAPES = 8
 _SCALARS = (int, float, bool, str, bytes, type(None))
+_TENSOR = torch.Tensor
 
 
 def batch_shapes(batch: Any) -> Any:
@@ -30,11 +31,28 @@ def batch_shapes(batch: Any) -> Any:
     Lists, tuples and mappings are walked; plain scalars are kept as values; any other object (a custom batch
     class) makes the whole summary ``None``, so the gate never skips for it.
     """
+    cls = type(batch)
+    # Flat lists, tuples and dicts of tensors first, in plain loops (no recursion, no comprehension frame):
+    # this runs every step.
+    if cls is list or cls is tuple:
+        flat: list[Any] = []
+        for item in batch:
+            if type(item) is not _TENSOR:
+                break
+            flat.append((item.shape, item.dtype.itemsize))
+        else:
+            return ("seq", tuple(flat))
+    elif cls is dict:  # Hugging Face style
+        items: list[Any] = []
+        for key, item in batch.items():
+            if type(item) is not _TENSOR:
+                break
+            items.append((key, (item.shape, item.dtype.itemsize)))
+        else:
+            return ("map", tuple(items))
     if isinstance(batch, torch.Tensor):
         return (batch.shape, batch.dtype.itemsize)  # torch.Size is a tuple
     if isinstance(batch, list | tuple):
-        if all(type(item) is torch.Tensor for item in batch):  # the common flat batch, without recursion
-            return ("seq", tuple((item.shape, item.dtype.itemsize) for item in batch))
         out = []
         for item in batch:
             s = batch_shapes(item)

@@ -12,6 +12,7 @@ the loggers. It does not import Lightning: anything with ``log_metrics(metrics, 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from collections.abc import Iterable, Mapping
@@ -29,6 +30,7 @@ __all__ = [
     "MetricSpec",
     "Telemetry",
     "TelemetryMetric",
+    "host_memory",
     "metrics_markdown",
     "spec",
 ]
@@ -119,8 +121,22 @@ METRICS: tuple[MetricSpec, ...] = (
         "disk full, write errors, corrupt or missing spill files handled so far",
     ),
     _S("tiercache/ranks", "sum", "store", "count", None, "ranks that reported (the world size)"),
-    _S("tiercache/host_ram/rss_bytes", "sum", "system", "bytes", "max", "resident memory of the training processes"),
-    _S("tiercache/host_ram/available_bytes", "min", "system", "bytes", "min", "RAM available on the machine"),
+    _S(
+        "tiercache/host_ram/rss_bytes",
+        "sum",
+        "system",
+        "bytes",
+        "max",
+        "resident memory of the training processes (read at most once a second)",
+    ),
+    _S(
+        "tiercache/host_ram/available_bytes",
+        "min",
+        "system",
+        "bytes",
+        "min",
+        "RAM available on the machine (read at most once a second)",
+    ),
     _S("tiercache/device_memory/allocated_bytes", "max", "cuda", "bytes", "max", "torch.cuda.memory_allocated"),
     _S("tiercache/device_memory/reserved_bytes", "max", "cuda", "bytes", "max", "torch.cuda.memory_reserved"),
     _S(
@@ -213,23 +229,51 @@ class _Logger(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
 
 
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def host_memory() -> tuple[int, int]:
+    """``(resident bytes of this process, bytes of RAM available on the machine)``.
+
+    On Linux, two short reads of ``/proc``: telemetry samples on the training thread, where ``psutil``'s answer
+    (it parses every line of ``/proc/meminfo``) took twice as long. Elsewhere, or if ``/proc`` cannot be read
+    or parsed, ``psutil``.
+    """
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            rss = int(f.read().split()[1]) * _PAGE
+        with open("/proc/meminfo", "rb") as f:
+            info = f.read()
+        start = info.index(b"MemAvailable:") + len(b"MemAvailable:")
+        available = int(info[start : info.index(b"kB", start)]) * 1024
+    except (OSError, ValueError, IndexError):
+        return psutil.Process().memory_info().rss, psutil.virtual_memory().available
+    return rss, available
+
+
 class Telemetry:
     """Samples the running parts, reduces across ranks and logs every ``every_n`` steps.
 
     Args:
         every_n: log every this many steps (the Trainer's ``log_every_n_steps`` by default in the callback).
         device: device of the metric states (the collective's device: CUDA under NCCL).
+        host_every_s: read host RAM (``tiercache/host_ram/*``) at most this often; samples in between repeat the
+            last reading.
     """
 
-    def __init__(self, every_n: int = 50, device: torch.device | str = "cpu") -> None:
+    def __init__(self, every_n: int = 50, device: torch.device | str = "cpu", host_every_s: float = 1.0) -> None:
         if isinstance(every_n, bool) or not isinstance(every_n, int) or every_n < 1:
             raise ValueError(f"every_n={every_n!r} must be an int >= 1")
+        if not host_every_s >= 0:
+            raise ValueError(f"host_every_s={host_every_s!r} must be >= 0")
         self.every_n = every_n
+        self.host_every_s = host_every_s
+        self._host: tuple[int, int] = (0, 0)
+        self._host_time = -math.inf
         self.metric = TelemetryMetric().to(device)
         self.last: dict[str, float] = {}
         self._prev: dict[str, float] = {}
         self._prev_time = time.perf_counter()
-        self._process = psutil.Process(os.getpid())
 
     def due(self, step: int) -> bool:
         """Whether ``step`` (0-based, the same on every rank) is a logging step."""
@@ -250,9 +294,11 @@ class Telemetry:
         out: dict[str, float] = {}
         if store is not None:
             out.update(self._store_values(store.stats(reset_peaks=True), window))  # peaks per window
-        vm = psutil.virtual_memory()
-        out["tiercache/host_ram/rss_bytes"] = float(self._process.memory_info().rss)
-        out["tiercache/host_ram/available_bytes"] = float(vm.available)
+        if now - self._host_time >= self.host_every_s:  # system calls, slow between large kernels: not every log
+            self._host, self._host_time = host_memory(), now
+        rss, available = self._host
+        out["tiercache/host_ram/rss_bytes"] = float(rss)
+        out["tiercache/host_ram/available_bytes"] = float(available)
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             mem = torch.cuda.memory_stats()
             out["tiercache/device_memory/allocated_bytes"] = float(mem.get("allocated_bytes.all.current", 0))

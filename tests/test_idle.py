@@ -22,6 +22,18 @@ def test_batch_shapes_and_covers() -> None:
     assert batch_shapes([torch.zeros(2), object()]) is None  # unknown leaf: never skip
 
 
+def test_flat_batches_summarize_like_nested_ones() -> None:
+    a, b = torch.zeros(2, 3), torch.zeros(4, dtype=torch.long)
+    leaf_a, leaf_b = batch_shapes(a), batch_shapes(b)
+    assert batch_shapes([a, b]) == batch_shapes((a, b)) == ("seq", (leaf_a, leaf_b))
+    assert batch_shapes({"a": a, "b": b}) == ("map", (("a", leaf_a), ("b", leaf_b)))
+    # a flat start that meets a non-tensor falls back to the full walk
+    assert batch_shapes([a, 3]) == ("seq", (leaf_a, ("value", 3)))
+    assert batch_shapes({"a": a, "n": None}) == ("map", (("a", leaf_a), ("n", ("value", None))))
+    assert batch_shapes([a, [b]]) == ("seq", (leaf_a, ("seq", (leaf_b,))))
+    assert batch_shapes([]) == ("seq", ()) and batch_shapes({}) == ("map", ())
+
+
 def test_gate_skips_covered_batches_and_probes_again() -> None:
     gate = IdleGate(probe_every=3)
     x = torch.zeros(4, 16)

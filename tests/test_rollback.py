@@ -126,3 +126,53 @@ def test_a_step_that_did_not_touch_a_state_teaches_nothing() -> None:
     m.update(torch.tensor([4.0]))
     snaps.restore(m, saved)
     assert m.total.item() == 0.0
+
+
+def _short_path() -> tuple[MetricSnapshots, Replaced]:
+    """A ``Replaced`` metric whose snapshots have settled on the short path (a tuple, every state referenced)."""
+    snaps, m = MetricSnapshots(), Replaced()
+    for _ in range(3):
+        saved = snaps.save(m)
+        m.update(torch.tensor([1.0]))
+        snaps.learn(m, saved)
+    assert isinstance(snaps.save(m), tuple)
+    return snaps, m
+
+
+def test_short_path_restores_like_the_long_one() -> None:
+    snaps, m = _short_path()
+    before, count = m.total, m._update_count
+    saved = snaps.save(m)
+    m.update(torch.tensor([50.0]))
+    m._forward_cache = torch.tensor(1.0)  # a bookkeeping field changed: it is put back too
+    snaps.restore(m, saved)
+    assert m.total is before and m.total.item() == 3.0
+    assert m._update_count == count
+    assert m._forward_cache is None
+
+
+def test_short_path_notices_a_state_that_turns_in_place(caplog: pytest.LogCaptureFixture) -> None:
+    snaps, m = _short_path()
+    m.in_place = True
+    saved = snaps.save(m)
+    m.update(torch.tensor([5.0]))
+    snaps.learn(m, saved)  # the counter moved: the short path is gone, the state is cloned from now on
+    saved = snaps.save(m)
+    assert isinstance(saved, list)
+    m.update(torch.tensor([7.0]))
+    with caplog.at_level(logging.WARNING):
+        snaps.restore(m, saved)
+    assert m.total.item() == 8.0
+    assert "changed in place" not in caplog.text
+
+
+def test_short_path_falls_back_when_a_state_is_no_longer_a_plain_tensor() -> None:
+    snaps, m = _short_path()
+    with torch.inference_mode():
+        m.total = m.total + 1  # an inference tensor: no version counter
+    saved = snaps.save(m)
+    assert isinstance(saved, list)
+    with torch.inference_mode():
+        m.update(torch.tensor([2.0]))
+    snaps.restore(m, saved)
+    assert m.total.item() == 4.0

@@ -3,9 +3,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
+import lightning_tiercache.telemetry as telemetry_module
 from lightning_tiercache import Kind
 from lightning_tiercache.telemetry import (
     FEATURES,
@@ -13,6 +15,7 @@ from lightning_tiercache.telemetry import (
     MetricSpec,
     Telemetry,
     TelemetryMetric,
+    host_memory,
     metrics_markdown,
     spec,
 )
@@ -138,3 +141,42 @@ def test_log_hands_values_to_every_logger() -> None:
 
     Telemetry(1).log([Logger(), Logger()], {"tiercache/spills": 1.0}, step=7)
     assert seen == [({"tiercache/spills": 1.0}, 7)] * 2
+
+
+@pytest.mark.skipif(not Path("/proc/meminfo").exists(), reason="reads /proc on Linux only")
+def test_host_memory_agrees_with_psutil() -> None:
+    hold = torch.ones(8 << 20, dtype=torch.uint8)  # 8 MiB resident while both read
+    rss, available = host_memory()
+    assert abs(rss - psutil.Process().memory_info().rss) < 4 << 20
+    assert abs(available - psutil.virtual_memory().available) < 256 << 20  # other processes come and go
+    assert rss >= hold.numel()
+
+
+def test_host_memory_falls_back_to_psutil_when_proc_cannot_be_read(monkeypatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> object:
+        raise PermissionError("no /proc here")
+
+    monkeypatch.setattr(telemetry_module, "open", refuse, raising=False)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("VM", (), {"available": 12345})())
+    rss, available = host_memory()
+    assert available == 12345
+    assert rss > 0
+
+
+def test_host_ram_is_read_at_most_once_per_interval(monkeypatch) -> None:
+    reads: list[int] = []
+
+    def fake() -> tuple[int, int]:
+        reads.append(1)
+        return len(reads) * 10, len(reads) * 100
+
+    monkeypatch.setattr(telemetry_module, "host_memory", fake)
+    slow = Telemetry(1, host_every_s=3600.0)
+    first, second = slow.sample(None), slow.sample(None)
+    assert len(reads) == 1
+    assert second["tiercache/host_ram/rss_bytes"] == first["tiercache/host_ram/rss_bytes"] == 10.0
+    every = Telemetry(1, host_every_s=0.0)
+    assert every.sample(None)["tiercache/host_ram/available_bytes"] == 200.0
+    assert every.sample(None)["tiercache/host_ram/available_bytes"] == 300.0
+    with pytest.raises(ValueError, match="host_every_s"):
+        Telemetry(1, host_every_s=-1.0)
