@@ -148,8 +148,9 @@ class StepHook:
         return self._strategy is not None
 
     def install(self, trainer: pl.Trainer) -> None:
-        """Wrap ``trainer.strategy``'s step calls and ``backward``; a second call is a no-op."""
+        """Wrap ``trainer.strategy``'s step calls and ``backward``; a second call only forgets the cached plan."""
         if self._strategy is trainer.strategy:
+            self._plan = None  # another stage or module: read the Trainer again on the next step
             return
         self.uninstall()
         strategy = trainer.strategy

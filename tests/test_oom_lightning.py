@@ -140,6 +140,21 @@ def test_fit_with_injected_oom_matches_fault_free_weights(optim, accumulate, pha
     assert not hook.installed  # teardown restored the strategy
 
 
+def test_accumulation_that_changes_between_epochs_is_followed():
+    # The hook reads accumulation once per epoch; the scheduler changes it at epoch 1.
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    plain = Net("sgd")
+    _trainer([GradientAccumulationScheduler({0: 1, 1: 3})], max_epochs=2).fit(plain, _data())
+    model = Net("sgd")
+    injector = OOMInjector(above_batch_size=16).attach(model.l2)
+    hook = StepHook(OOMConfig(grow_back_after_steps=0))
+    scheduler = GradientAccumulationScheduler({0: 1, 1: 3})
+    _trainer([scheduler, HookCallback(hook)], max_epochs=2).fit(model, _data())
+    assert injector.injected == 1  # 32 failed once; split in two from then on
+    _assert_close(_weights(model), _weights(plain))
+
+
 def test_unsplit_steps_are_bit_exact_and_hook_restores_strategy():
     plain = Net("adamw")
     _trainer(accumulate_grad_batches=2).fit(plain, _data())
