@@ -97,5 +97,7 @@ def test_overhead_json_reports_ratios_and_the_callbacks_own_time(capsys):
     out = _run(capsys, overhead, argv)
     (row,) = out["rows"]
     assert row["workload"] == "MLP 32 x 8, batch 4"
-    for key in ("plain_step_ms", "step_ratio", "fit_ratio", "self_us_per_step", "self_share"):
+    for key in ("plain_step_ms", "step_ratio", "fit_ratio", "self_us_per_step", "self_share", "timers_us_per_step"):
         assert _positive(row[key]), (key, row)
+    assert row["timers_us_per_step"] < row["self_us_per_step"]  # the control times the timers alone
+    assert row["self_share_net"] < row["self_share"]
