@@ -261,12 +261,7 @@ class TierCacheCallback(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        # `_batch_start(eval=False)` without its calls: a training batch prefetches no KV, and this runs every step.
-        store = self.runtime.store
-        if store is not None:
-            store.settle()
-        if self.copier is not None:
-            self.copier.copy_next(trainer, eval=False)
+        self._batch_start(trainer, batch, eval=False)
 
     def _batch_start(self, trainer: pl.Trainer, batch: Any, *, eval: bool) -> None:
         """Settle the store, prefetch the batch's KV blocks (eval) and start copying the next batch (CUDA)."""
@@ -282,9 +277,7 @@ class TierCacheCallback(Callback):
             self.runtime.set_weights_version(pl_module, trainer.global_step)  # KV of older weights is never served
         # Lightning logs this batch's metrics at ``_batches_that_stepped`` before it increments; match it.
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
-        telemetry = self.telemetry
-        if telemetry is not None and (step + 1) % telemetry.every_n == 0:  # `telemetry.due(step)`, inline
-            self._log_now(trainer, "train", step)
+        self._maybe_log(trainer, pl_module, "train", step, step)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

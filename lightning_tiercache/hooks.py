@@ -479,9 +479,7 @@ class StepHook:
                         raise
                 if failed is not None:  # Note: [oom references] outside the `except`: the exception is gone
                     return self._unsplit_backward_failed(retry, closure_loss, failed)
-                learn = self._snapshots.learn
-                for m, saved in retry[-1][0]:  # the `saved` field: (metric, snapshot) pairs first
-                    learn(m, saved)
+                self._learn(retry[-1])  # the `saved` field
                 self.train_policy.on_success()
                 return out
             pending, self._pending = self._pending, None
