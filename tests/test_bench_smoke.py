@@ -5,8 +5,10 @@ They prove the benchmarks run end to end and emit well-formed JSON; they make no
 
 from __future__ import annotations
 
+import gc
 import json
 import math
+import subprocess
 from typing import Any
 
 import pytest
@@ -101,3 +103,62 @@ def test_overhead_json_reports_ratios_and_the_callbacks_own_time(capsys):
         assert _positive(row[key]), (key, row)
     assert row["timers_us_per_step"] < row["self_us_per_step"]  # the control times the timers alone
     assert row["self_share_net"] < row["self_share"]
+
+
+def test_overhead_instructions_difference_two_fit_lengths(monkeypatch, capsys):
+    """``--instructions``: per-step counts are the slope between the two fit lengths, one-off work cancels."""
+    from lightning_tiercache.bench import overhead
+
+    def fake_count(width: int, depth: int, batch: int, steps: int, with_callback: bool) -> int:
+        # start-up 5e9, 1e6 a step; the callback: 2e7 once, 4e3 a step
+        return 5_000_000_000 + steps * 1_000_000 + (20_000_000 + 4_000 * steps if with_callback else 0)
+
+    monkeypatch.setattr(overhead, "_count", fake_count)
+    monkeypatch.setattr(overhead.shutil, "which", lambda name: "/usr/bin/valgrind")
+    out = _run(capsys, overhead, ["--json", "--instructions", "--skip", "10", "--steps", "30", "--width", "64"])
+    (row,) = out["rows"]
+    assert row["workload"] == "MLP 64 x 8, batch 48, 1 thread"
+    assert (row["plain_instr_per_step"], row["callback_instr_per_step"]) == (1_000_000, 1_004_000)
+    assert row["extra_instr_per_step"] == 4_000 and row["one_off_instr"] == 20_000_000
+    assert row["extra_share"] == pytest.approx(0.004)
+    assert out["method"] == "valgrind cachegrind, 1 thread, fits of 10 and 40 steps differenced"
+
+
+def test_overhead_instructions_reads_valgrinds_count_and_reports_its_failures(monkeypatch):
+    from lightning_tiercache.bench import overhead
+
+    seen: dict[str, Any] = {}
+
+    def run(cmd: list[str], **kw: Any) -> Any:
+        seen.update(cmd=cmd, env=kw["env"])
+        return subprocess.CompletedProcess(cmd, 0, "", "==1== \n==1== I   refs:      19,642,491,277\n")
+
+    monkeypatch.setattr(overhead.subprocess, "run", run)
+    assert overhead._count(32, 2, 4, 10, True) == 19_642_491_277
+    assert seen["cmd"][:2] == ["valgrind", "--tool=cachegrind"] and seen["env"]["OMP_NUM_THREADS"] == "1"
+    assert "count_fit(32, 2, 4, 10, True)" in seen["cmd"][-1]
+    monkeypatch.setattr(overhead.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "boom"))
+    with pytest.raises(RuntimeError, match="valgrind fit failed \\(exit 1\\):\nboom"):
+        overhead._count(32, 2, 4, 10, False)
+
+
+def test_overhead_instructions_without_valgrind_says_what_to_install(monkeypatch, capsys):
+    from lightning_tiercache.bench import overhead
+
+    monkeypatch.setattr(overhead.shutil, "which", lambda name: None)
+    with pytest.raises(SystemExit):
+        overhead.main(["--instructions"])
+    assert "needs valgrind on PATH" in capsys.readouterr().err
+
+
+def test_count_fit_runs_one_fit_on_one_thread(monkeypatch):
+    from lightning_tiercache.bench import overhead
+
+    threads = torch.get_num_threads()
+    try:
+        overhead.count_fit(16, 1, 2, 3, True)
+        assert torch.get_num_threads() == 1
+        assert gc.get_freeze_count() > 0  # what was alive before the fit is out of the collector's way
+    finally:
+        torch.set_num_threads(threads)
+        gc.unfreeze()

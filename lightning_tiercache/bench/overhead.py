@@ -14,12 +14,27 @@ still has nothing to offload, the OOM hook's snapshot of what the step logs, tel
 ``log_every_n_steps``. Its one-off cost (opening the store, a spill folder, threads) is reported apart, from
 the whole-fit times. Two workloads: a 3.5 ms step, where a fixed cost shows most, and a 20 ms step.
 Target: per-step overhead within 1% of the plain run.
+
+On a shared machine a step ratio cannot resolve 1% (fits of the same model vary by 5-15%), and the
+self-time leaves out what the callback makes Lightning do (dispatching its hooks) and the interpreter's
+extra allocations. ``--instructions`` counts instead: the same fits, on one thread, under valgrind's
+cachegrind (deterministic up to a few thousand instructions a step), at two lengths each, so that everything
+outside the steps cancels; the figure is the callback's extra instructions per step over the plain step's.
+Instructions are not time (Python's run at a lower rate than matrix kernels'), so it is read next to the
+self-time share, not instead of it.
 """
 
 from __future__ import annotations
 
+import concurrent.futures as cf
+import gc
 import itertools
 import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
 import time
 import warnings
 from typing import Any
@@ -58,7 +73,9 @@ def _model(width: int, depth: int, batch: int, batches: int) -> Any:
     return MLP
 
 
-def _fit(model_cls: Any, steps: int, with_callback: bool, clock: Any = time.perf_counter) -> tuple[float, list[float]]:
+def _fit(
+    model_cls: Any, steps: int, with_callback: bool, clock: Any = time.perf_counter, accelerator: str = "auto"
+) -> tuple[float, list[float]]:
     """Whole-fit seconds and the seconds of each step (batch start to the next batch start) on ``clock``."""
     import lightning as L
 
@@ -76,7 +93,7 @@ def _fit(model_cls: Any, steps: int, with_callback: bool, clock: Any = time.perf
     torch.manual_seed(0)
     callbacks: list[L.Callback] = [Clock(), TierCacheCallback()] if with_callback else [Clock()]
     trainer = L.Trainer(
-        accelerator="auto", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+        accelerator=accelerator, devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
     )  # fmt: skip
     model = model_cls()
@@ -172,6 +189,68 @@ def _workload(width: int, depth: int, batch: int, steps: int, repeats: int, skip
     }
 
 
+def count_fit(width: int, depth: int, batch: int, steps: int, with_callback: bool) -> None:
+    """One fit on one CPU thread: what :func:`_instructions` runs under valgrind.
+
+    The objects of the imports are frozen out of the garbage collector first: a full collection walks all of
+    them, and whether one falls inside the counted steps would move the per-step figure by more than the callback.
+    """
+    torch.set_num_threads(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+        model_cls = _model(width, depth, batch, steps)
+        gc.collect()
+        gc.freeze()
+        _fit(model_cls, steps, with_callback, accelerator="cpu")
+
+
+_IREFS = re.compile(r"I\s+refs:\s+([\d,]+)")
+
+
+def _count(width: int, depth: int, batch: int, steps: int, with_callback: bool) -> int:
+    """Instructions a whole process with one such fit executes (valgrind's cachegrind, no cache simulation)."""
+    code = (
+        "from lightning_tiercache.bench.overhead import count_fit; "
+        f"count_fit({width}, {depth}, {batch}, {steps}, {with_callback})"
+    )
+    tool = ["valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null"]
+    cmd = [*tool, sys.executable, "-c", code]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    found = _IREFS.findall(done.stderr)
+    if done.returncode != 0 or not found:
+        raise RuntimeError(f"valgrind fit failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
+    return int(found[-1].replace(",", ""))
+
+
+def _instructions(width: int, depth: int, batch: int, short: int, long: int) -> dict[str, Any]:
+    """Instructions per step, plain and with the callback: fits of ``short`` and ``long`` steps of each,
+    differenced (start-up, imports and the callback's one-off work cancel)."""
+    jobs = [(flag, steps) for steps in (long, short) for flag in (False, True)]  # the long fits start first
+    counts: dict[tuple[bool, int], int] = {}
+    started = time.perf_counter()
+    with cf.ThreadPoolExecutor(max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
+        futures = {pool.submit(_count, width, depth, batch, steps, flag): (flag, steps) for flag, steps in jobs}
+        for fut in cf.as_completed(futures):
+            flag, steps = futures[fut]
+            counts[(flag, steps)] = fut.result()
+            print(
+                f"  counted {'callback' if flag else 'plain'} x {steps} steps: {counts[(flag, steps)]:,} "
+                f"({len(counts)}/{len(jobs)}, {time.perf_counter() - started:.0f} s)",
+                file=sys.stderr, flush=True,
+            )  # fmt: skip
+    plain, callback = ((counts[(flag, long)] - counts[(flag, short)]) / (long - short) for flag in (False, True))
+    return {
+        "workload": f"MLP {width} x {depth}, batch {batch}, 1 thread",
+        "plain_instr_per_step": round(plain),
+        "callback_instr_per_step": round(callback),
+        "extra_instr_per_step": round(callback - plain),
+        "extra_share": callback / plain - 1.0,
+        "one_off_instr": counts[(True, short)] - counts[(False, short)] - round(short * (callback - plain)),
+    }
+
+
 def main(argv: list[str]) -> int:
     p = base_parser("overhead", __doc__.splitlines()[0] if __doc__ else "")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per fit")
@@ -185,7 +264,24 @@ def main(argv: list[str]) -> int:
         default="wall",
         help="wall time, or CPU time of the process (all threads; not the time a shared VM's core spends elsewhere)",
     )
+    p.add_argument(
+        "--instructions",
+        action="store_true",
+        help="count instructions per step under valgrind instead of timing (about 10 minutes on 2 cores)",
+    )
     args = p.parse_args(argv)
+    if args.instructions:
+        if shutil.which("valgrind") is None:
+            p.error("--instructions needs valgrind on PATH (Debian and Ubuntu: apt install valgrind)")
+        short = args.skip
+        long = short + (args.steps or 50)
+        rows = [_instructions(w, args.depth, b, short, long) for w, b in [(args.width or 256, args.batch or 48)]]
+        extra = {
+            "method": f"valgrind cachegrind, 1 thread, fits of {short} and {long} steps differenced",
+            "target": "extra_share <= 0.01",
+        }
+        emit("overhead: instructions per step, nothing to offload", rows, args.json, extra)
+        return 0
     steps = args.steps or 200
     repeats = args.repeats or 7
     if args.width:
