@@ -151,7 +151,7 @@ def test_overhead_instructions_without_valgrind_says_what_to_install(monkeypatch
     assert "needs valgrind on PATH" in capsys.readouterr().err
 
 
-def test_count_fit_runs_one_fit_on_one_thread(monkeypatch):
+def test_count_fit_runs_one_fit_on_one_thread():
     from lightning_tiercache.bench import overhead
 
     threads = torch.get_num_threads()

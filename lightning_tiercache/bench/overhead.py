@@ -18,7 +18,7 @@ Target: per-step overhead within 1% of the plain run.
 On a shared machine a step ratio cannot resolve 1% (fits of the same model vary by 5-15%), and the
 self-time leaves out what the callback makes Lightning do (dispatching its hooks) and the interpreter's
 extra allocations. ``--instructions`` counts instead: the same fits, on one thread, under valgrind's
-cachegrind (deterministic up to a few thousand instructions a step), at two lengths each, so that everything
+cachegrind (repeatable to about 0.1% a step), at two lengths each, so that everything
 outside the steps cancels; the figure is the callback's extra instructions per step over the plain step's.
 Instructions are not time (Python's run at a lower rate than matrix kernels'), so it is read next to the
 self-time share, not instead of it.
@@ -253,8 +253,14 @@ def _instructions(width: int, depth: int, batch: int, short: int, long: int) -> 
 
 def main(argv: list[str]) -> int:
     p = base_parser("overhead", __doc__.splitlines()[0] if __doc__ else "")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per fit")
-    p.add_argument("--skip", type=int, default=20, help="first steps of each fit left out of its median step")
+    p.add_argument(
+        "--steps", type=int, default=None,
+        help="optimizer steps per fit (200); with --instructions, steps between the two counted fits (50)",
+    )  # fmt: skip
+    p.add_argument(
+        "--skip", type=int, default=20,
+        help="first steps of each fit left out of its median step; with --instructions, the shorter fit's steps",
+    )  # fmt: skip
     p.add_argument("--width", type=int, default=None, help="one workload of this width instead of the two")
     p.add_argument("--depth", type=int, default=8)
     p.add_argument("--batch", type=int, default=None)
@@ -275,7 +281,7 @@ def main(argv: list[str]) -> int:
             p.error("--instructions needs valgrind on PATH (Debian and Ubuntu: apt install valgrind)")
         short = args.skip
         long = short + (args.steps or 50)
-        rows = [_instructions(w, args.depth, b, short, long) for w, b in [(args.width or 256, args.batch or 48)]]
+        rows = [_instructions(args.width or 256, args.depth, args.batch or 48, short, long)]
         extra = {
             "method": f"valgrind cachegrind, 1 thread, fits of {short} and {long} steps differenced",
             "target": "extra_share <= 0.01",
