@@ -50,6 +50,8 @@ class ForwardPass:
         graph_id: the autograd graph task whose backward moves ``cursor`` (a new backward restarts it).
         window: during forward, the entries still in the device tier, oldest first, with their bytes.
         dedup: during forward, storage address -> (storage weak reference, entry weak reference).
+        small, small_bytes, params: this forward's saved tensors below the offloader's ``min_bytes`` (and their
+            bytes) and parameters or views of them, all left in place; counted here, without the lock.
     """
 
     order: list[weakref.ref[Any]] = dataclasses.field(default_factory=list)
@@ -62,6 +64,9 @@ class ForwardPass:
     window: collections.deque[tuple[weakref.ref[Any], int]] = dataclasses.field(default_factory=collections.deque)
     window_bytes: int = 0
     dedup: dict[int, tuple[Any, weakref.ref[Any]]] = dataclasses.field(default_factory=dict)
+    small: int = 0
+    small_bytes: int = 0
+    params: int = 0
 
     @property
     def total_bytes(self) -> int:

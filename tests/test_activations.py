@@ -462,3 +462,17 @@ def test_views_of_a_small_part_of_a_storage_come_back_exactly_from_every_tier(ma
     loss.backward()
     assert torch.equal(ref, a.grad)
     _settled_empty(store, off)
+
+
+def test_counts_of_tensors_left_in_place_add_up_per_forward(make_store):
+    store = make_store(**STORES["host"])
+    lin = nn.Linear(64, 64)  # weight: 16 KiB
+    off = ActivationOffloader(store, min_bytes=8192)
+    x = torch.randn(8, 64, requires_grad=True)  # 2 KiB
+    # saved per forward: x and relu's output (small, 2 KiB each), weight.t() (a view of a parameter, 16 KiB)
+    for n in (1, 2):
+        with off:
+            y = lin(x).relu()
+        y.sum().backward()
+        st = off.stats()
+        assert (st["skipped_small"], st["skipped_bytes"], st["skipped_params"], st["packed"]) == (2 * n, 4096 * n, n, 0)
