@@ -109,9 +109,10 @@ def test_overhead_instructions_difference_two_fit_lengths(monkeypatch, capsys):
     """``--instructions``: per-step counts are the slope between the two fit lengths, one-off work cancels."""
     from lightning_tiercache.bench import overhead
 
-    def fake_count(width: int, depth: int, batch: int, steps: int, with_callback: bool) -> int:
-        # start-up 5e9, 1e6 a step; the callback: 2e7 once, 4e3 a step
-        return 5_000_000_000 + steps * 1_000_000 + (20_000_000 + 4_000 * steps if with_callback else 0)
+    def fake_count(width: int, depth: int, batch: int, steps: int, variant: str) -> int:
+        # start-up 5e9, 1e6 a step; an empty callback: 1e3 a step; ours: 2e7 once, 4e3 a step
+        extra = {"plain": 0, "empty": 1_000 * steps, "callback": 20_000_000 + 4_000 * steps}[variant]
+        return 5_000_000_000 + steps * 1_000_000 + extra
 
     monkeypatch.setattr(overhead, "_count", fake_count)
     monkeypatch.setattr(overhead.shutil, "which", lambda name: "/usr/bin/valgrind")
@@ -121,6 +122,7 @@ def test_overhead_instructions_difference_two_fit_lengths(monkeypatch, capsys):
     assert (row["plain_instr_per_step"], row["callback_instr_per_step"]) == (1_000_000, 1_004_000)
     assert row["extra_instr_per_step"] == 4_000 and row["one_off_instr"] == 20_000_000
     assert row["extra_share"] == pytest.approx(0.004)
+    assert row["empty_extra_instr_per_step"] == 1_000 and row["empty_extra_share"] == pytest.approx(0.001)
     assert out["method"] == "valgrind cachegrind, 1 thread, fits of 10 and 40 steps differenced"
 
 
@@ -134,12 +136,12 @@ def test_overhead_instructions_reads_valgrinds_count_and_reports_its_failures(mo
         return subprocess.CompletedProcess(cmd, 0, "", "==1== \n==1== I   refs:      19,642,491,277\n")
 
     monkeypatch.setattr(overhead.subprocess, "run", run)
-    assert overhead._count(32, 2, 4, 10, True) == 19_642_491_277
+    assert overhead._count(32, 2, 4, 10, "callback") == 19_642_491_277
     assert seen["cmd"][:2] == ["valgrind", "--tool=cachegrind"] and seen["env"]["OMP_NUM_THREADS"] == "1"
-    assert "count_fit(32, 2, 4, 10, True)" in seen["cmd"][-1]
+    assert "count_fit(32, 2, 4, 10, 'callback')" in seen["cmd"][-1]
     monkeypatch.setattr(overhead.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "boom"))
     with pytest.raises(RuntimeError, match="valgrind fit failed \\(exit 1\\):\nboom"):
-        overhead._count(32, 2, 4, 10, False)
+        overhead._count(32, 2, 4, 10, "plain")
 
 
 def test_overhead_instructions_without_valgrind_says_what_to_install(monkeypatch, capsys):
@@ -156,7 +158,7 @@ def test_count_fit_runs_one_fit_on_one_thread():
 
     threads = torch.get_num_threads()
     try:
-        overhead.count_fit(16, 1, 2, 3, True)
+        overhead.count_fit(16, 1, 2, 3, "callback")
         assert torch.get_num_threads() == 1
         assert gc.get_freeze_count() > 0  # what was alive before the fit is out of the collector's way
     finally:

@@ -19,7 +19,9 @@ On a shared machine a step ratio cannot resolve 1% (fits of the same model vary 
 self-time leaves out what the callback makes Lightning do (dispatching its hooks) and the interpreter's
 extra allocations. ``--instructions`` counts instead: the same fits, on one thread, under valgrind's
 cachegrind (repeatable to about 0.1% a step), at two lengths each, so that everything
-outside the steps cancels; the figure is the callback's extra instructions per step over the plain step's.
+outside the steps cancels; the figure is the callback's extra instructions per step over the plain step's. A
+third variant, a ``lightning.Callback`` that overrides nothing, shows what Lightning's dispatch of the hooks
+charges any callback.
 Instructions are not time (Python's run at a lower rate than matrix kernels'), so it is read next to the
 self-time share, not instead of it.
 """
@@ -74,9 +76,12 @@ def _model(width: int, depth: int, batch: int, batches: int) -> Any:
 
 
 def _fit(
-    model_cls: Any, steps: int, with_callback: bool, clock: Any = time.perf_counter, accelerator: str = "auto"
+    model_cls: Any, steps: int, variant: str, clock: Any = time.perf_counter, accelerator: str = "auto"
 ) -> tuple[float, list[float]]:
-    """Whole-fit seconds and the seconds of each step (batch start to the next batch start) on ``clock``."""
+    """Whole-fit seconds and the seconds of each step (batch start to the next batch start) on ``clock``.
+
+    ``variant``: ``"plain"``, ``"empty"`` (a ``lightning.Callback`` that overrides nothing) or ``"callback"``
+    (``TierCacheCallback()``)."""
     import lightning as L
 
     from lightning_tiercache.callback import TierCacheCallback
@@ -91,7 +96,13 @@ def _fit(
             starts.append(clock())
 
     torch.manual_seed(0)
-    callbacks: list[L.Callback] = [Clock(), TierCacheCallback()] if with_callback else [Clock()]
+    callbacks: list[L.Callback] = [Clock()]
+    if variant == "empty":
+        callbacks.append(L.Callback())
+    elif variant == "callback":
+        callbacks.append(TierCacheCallback())
+    elif variant != "plain":
+        raise ValueError(f"variant={variant!r} must be 'plain', 'empty' or 'callback'")
     trainer = L.Trainer(
         accelerator=accelerator, devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
@@ -160,16 +171,16 @@ def _self_time(model_cls: Any, steps: int, skip: int, control: bool = False) -> 
 
 def _workload(width: int, depth: int, batch: int, steps: int, repeats: int, skip: int, clock: Any) -> dict[str, Any]:
     model_cls = _model(width, depth, batch, steps)
-    variants = {"plain": False, "callback": True}
-    for flag in variants.values():  # warm-up round
-        _fit(model_cls, steps, flag, clock)
+    variants = ("plain", "callback")
+    for variant in variants:  # warm-up round
+        _fit(model_cls, steps, variant, clock)
     step: dict[str, list[float]] = {k: [] for k in variants}
     total: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(repeats):
-        for name, flag in variants.items():
-            t, per_step = _fit(model_cls, steps, flag, clock)
-            total[name].append(t)
-            step[name].append(median(per_step[skip:]))
+        for variant in variants:
+            t, per_step = _fit(model_cls, steps, variant, clock)
+            total[variant].append(t)
+            step[variant].append(median(per_step[skip:]))
     ratios = [c / p for p, c in zip(step["plain"], step["callback"], strict=True)]
     fit_ratios = [c / p for p, c in zip(total["plain"], total["callback"], strict=True)]
     plain_step = median(step["plain"])
@@ -189,7 +200,7 @@ def _workload(width: int, depth: int, batch: int, steps: int, repeats: int, skip
     }
 
 
-def count_fit(width: int, depth: int, batch: int, steps: int, with_callback: bool) -> None:
+def count_fit(width: int, depth: int, batch: int, steps: int, variant: str) -> None:
     """One fit on one CPU thread: what :func:`_instructions` runs under valgrind.
 
     The objects of the imports are frozen out of the garbage collector first: a full collection walks all of
@@ -202,17 +213,17 @@ def count_fit(width: int, depth: int, batch: int, steps: int, with_callback: boo
         model_cls = _model(width, depth, batch, steps)
         gc.collect()
         gc.freeze()
-        _fit(model_cls, steps, with_callback, accelerator="cpu")
+        _fit(model_cls, steps, variant, accelerator="cpu")
 
 
 _IREFS = re.compile(r"I\s+refs:\s+([\d,]+)")
 
 
-def _count(width: int, depth: int, batch: int, steps: int, with_callback: bool) -> int:
+def _count(width: int, depth: int, batch: int, steps: int, variant: str) -> int:
     """Instructions a whole process with one such fit executes (valgrind's cachegrind, no cache simulation)."""
     code = (
         "from lightning_tiercache.bench.overhead import count_fit; "
-        f"count_fit({width}, {depth}, {batch}, {steps}, {with_callback})"
+        f"count_fit({width}, {depth}, {batch}, {steps}, {variant!r})"
     )
     tool = ["valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null"]
     cmd = [*tool, sys.executable, "-c", code]
@@ -225,29 +236,33 @@ def _count(width: int, depth: int, batch: int, steps: int, with_callback: bool) 
 
 
 def _instructions(width: int, depth: int, batch: int, short: int, long: int) -> dict[str, Any]:
-    """Instructions per step, plain and with the callback: fits of ``short`` and ``long`` steps of each,
-    differenced (start-up, imports and the callback's one-off work cancel)."""
-    jobs = [(flag, steps) for steps in (long, short) for flag in (False, True)]  # the long fits start first
-    counts: dict[tuple[bool, int], int] = {}
+    """Instructions per step, plain, with an empty Lightning callback and with ours: fits of ``short`` and
+    ``long`` steps of each, differenced (start-up, imports and one-off work cancel). The empty callback is the
+    reference for what Lightning's dispatch charges any callback."""
+    variants = ("plain", "empty", "callback")
+    jobs = [(variant, steps) for steps in (long, short) for variant in variants]  # the long fits start first
+    counts: dict[tuple[str, int], int] = {}
     started = time.perf_counter()
     with cf.ThreadPoolExecutor(max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
-        futures = {pool.submit(_count, width, depth, batch, steps, flag): (flag, steps) for flag, steps in jobs}
+        futures = {pool.submit(_count, width, depth, batch, steps, v): (v, steps) for v, steps in jobs}
         for fut in cf.as_completed(futures):
-            flag, steps = futures[fut]
-            counts[(flag, steps)] = fut.result()
+            variant, steps = futures[fut]
+            counts[(variant, steps)] = fut.result()
             print(
-                f"  counted {'callback' if flag else 'plain'} x {steps} steps: {counts[(flag, steps)]:,} "
+                f"  counted {variant} x {steps} steps: {counts[(variant, steps)]:,} "
                 f"({len(counts)}/{len(jobs)}, {time.perf_counter() - started:.0f} s)",
                 file=sys.stderr, flush=True,
             )  # fmt: skip
-    plain, callback = ((counts[(flag, long)] - counts[(flag, short)]) / (long - short) for flag in (False, True))
+    plain, empty, callback = ((counts[(v, long)] - counts[(v, short)]) / (long - short) for v in variants)
     return {
         "workload": f"MLP {width} x {depth}, batch {batch}, 1 thread",
         "plain_instr_per_step": round(plain),
         "callback_instr_per_step": round(callback),
         "extra_instr_per_step": round(callback - plain),
         "extra_share": callback / plain - 1.0,
-        "one_off_instr": counts[(True, short)] - counts[(False, short)] - round(short * (callback - plain)),
+        "empty_extra_instr_per_step": round(empty - plain),
+        "empty_extra_share": empty / plain - 1.0,
+        "one_off_instr": counts[("callback", short)] - counts[("plain", short)] - round(short * (callback - plain)),
     }
 
 
@@ -273,7 +288,7 @@ def main(argv: list[str]) -> int:
     p.add_argument(
         "--instructions",
         action="store_true",
-        help="count instructions per step under valgrind instead of timing (about 10 minutes on 2 cores)",
+        help="count instructions per step under valgrind instead of timing (about 15 minutes on 2 cores)",
     )
     args = p.parse_args(argv)
     if args.instructions:
