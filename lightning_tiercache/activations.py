@@ -407,11 +407,8 @@ class ActivationOffloader:
 
     def unpack(self, packed: Saved | Kept) -> torch.Tensor:
         """The saved tensor back, on its device; called by autograd in backward."""
-        if isinstance(packed, Kept):  # `Kept.get`, inline: it runs for every small saved tensor
-            tensor = packed.tensor
-            if tensor._version != packed.version:
-                check_version(tensor._version, packed.version)
-            return tensor
+        if isinstance(packed, Kept):
+            return packed.get()
         if self._deferred:
             self._drain()
         src = packed.src()
