@@ -18,8 +18,8 @@ from lightning_tiercache.errors import (
     StoreClosedError,
     TierCacheError,
 )
-from lightning_tiercache.policy import EvictionPolicy, register_policy
-from lightning_tiercache.store import Handle, Kind, Tier, TierStore
+from lightning_tiercache.store.placement import Handle, Kind, Tier, TierStore
+from lightning_tiercache.store.policy import EvictionPolicy, register_policy
 
 __all__ = [
     "BatchSplitError",
@@ -45,17 +45,17 @@ __version__ = "0.1.0"
 
 # Parts that import optional or heavy packages load on first use.
 _LAZY = {
-    "ActivationOffloader": "lightning_tiercache.activations",
-    "OffloadConfig": "lightning_tiercache.activations",
-    "offload_activations": "lightning_tiercache.activations",
-    "no_offload": "lightning_tiercache.activations",
-    "TieredKVCache": "lightning_tiercache.kv",
-    "KVConfig": "lightning_tiercache.kv_layer",
-    "tier_generate": "lightning_tiercache.kv_generate",
-    "TierCacheCallback": "lightning_tiercache.callback",
-    "OOMConfig": "lightning_tiercache.oom",
-    "OOMInjector": "lightning_tiercache.testing",
-    "micro_batches": "lightning_tiercache.microbatch",
+    "ActivationOffloader": "lightning_tiercache.activations.offloader",
+    "OffloadConfig": "lightning_tiercache.activations.offloader",
+    "offload_activations": "lightning_tiercache.activations.offloader",
+    "no_offload": "lightning_tiercache.activations.offloader",
+    "TieredKVCache": "lightning_tiercache.kv.cache",
+    "KVConfig": "lightning_tiercache.kv.layers",
+    "tier_generate": "lightning_tiercache.kv.generate",
+    "TierCacheCallback": "lightning_tiercache.lightning.callback",
+    "OOMConfig": "lightning_tiercache.oom.recovery",
+    "OOMInjector": "lightning_tiercache.lightning.testing",
+    "micro_batches": "lightning_tiercache.oom.microbatch",
 }
 
 

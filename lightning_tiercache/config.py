@@ -12,7 +12,7 @@ __all__ = ["CODECS", "POLICIES", "TierConfig", "parse_bytes"]
 
 #: Codec names accepted by :class:`TierConfig`. ``auto`` picks per tensor by measured speed.
 CODECS = ("auto", "none", "zstd", "byteplane")
-#: Built-in eviction policy names (more can be registered, see :mod:`lightning_tiercache.policy`).
+#: Built-in eviction policy names (more can be registered, see :mod:`lightning_tiercache.store.policy`).
 POLICIES = ("lru", "lfu", "s3fifo")
 
 _UNITS = {
@@ -108,7 +108,7 @@ class TierConfig:
                 object.__setattr__(self, field, parse_bytes(value, field))
         if self.codec not in CODECS:
             raise ValueError(f"codec={self.codec!r} is not one of {', '.join(CODECS)}")
-        from lightning_tiercache.policy import registered_policies
+        from lightning_tiercache.store.policy import registered_policies
 
         if self.policy not in registered_policies():
             raise ValueError(f"policy={self.policy!r} is not one of {', '.join(registered_policies())}")

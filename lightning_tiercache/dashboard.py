@@ -1,6 +1,6 @@
 """Build a W&B workspace (dashboard) for tiercache runs: ``python -m lightning_tiercache.dashboard``.
 
-The panel spec is plain data built offline from :data:`lightning_tiercache.telemetry.METRICS`
+The panel spec is plain data built offline from :data:`lightning_tiercache.lightning.telemetry.METRICS`
 (:func:`panel_spec`), so it can be printed (``--dry-run``, ``--json``) and tested without network. Only
 ``save`` talks to W&B, through the official workspace API (the optional package ``wandb-workspaces``).
 
@@ -18,8 +18,8 @@ import json
 import sys
 from typing import Any
 
-from lightning_tiercache.telemetry import METRICS, MetricSpec
-from lightning_tiercache.wandb_support import EVENTS_KEY
+from lightning_tiercache.lightning.telemetry import METRICS, MetricSpec
+from lightning_tiercache.lightning.wandb_support import EVENTS_KEY
 
 __all__ = ["SECTIONS", "STEP_KEY", "build_workspace", "main", "panel_spec", "require_workspaces"]
 

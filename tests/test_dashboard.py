@@ -6,8 +6,8 @@ import json
 import pytest
 
 from lightning_tiercache import dashboard
-from lightning_tiercache.telemetry import METRICS
-from lightning_tiercache.wandb_support import EVENTS_KEY
+from lightning_tiercache.lightning.telemetry import METRICS
+from lightning_tiercache.lightning.wandb_support import EVENTS_KEY
 
 
 def line_keys(spec: dict) -> list[str]:

@@ -13,9 +13,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from lightning_tiercache import TierCacheCallback
-from lightning_tiercache.telemetry import METRICS
-from lightning_tiercache.testing import OOMInjector
-from lightning_tiercache.wandb_support import EVENTS_KEY
+from lightning_tiercache.lightning.telemetry import METRICS
+from lightning_tiercache.lightning.testing import OOMInjector
+from lightning_tiercache.lightning.wandb_support import EVENTS_KEY
 
 pytest.importorskip("transformers")
 wandb = pytest.importorskip("wandb")

@@ -96,7 +96,7 @@ class _Variant:
         self.tt: Any = None
         if name.startswith("ours"):
             from lightning_tiercache import TierConfig, TierStore
-            from lightning_tiercache.activations import ActivationOffloader
+            from lightning_tiercache.activations.offloader import ActivationOffloader
 
             if name == "ours_host":
                 cfg = TierConfig(disk_bytes=0, device=str(device))

@@ -24,8 +24,8 @@ import torch
 
 from lightning_tiercache.bench.common import base_parser, emit, median, timed
 from lightning_tiercache.config import TierConfig
-from lightning_tiercache.kv import KVConfig, TieredKVCache, cache_kwarg
-from lightning_tiercache.store import TierStore
+from lightning_tiercache.kv.cache import KVConfig, TieredKVCache, cache_kwarg
+from lightning_tiercache.store.placement import TierStore
 
 __all__ = ["main"]
 

@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from lightning_tiercache.bench.common import alternate, base_parser, emit, median
-from lightning_tiercache.microbatch import MicroBatchRunner
-from lightning_tiercache.oom import MicroBatchPolicy, OOMConfig
-from lightning_tiercache.split import split_batch
-from lightning_tiercache.testing import OOMInjector
+from lightning_tiercache.lightning.testing import OOMInjector
+from lightning_tiercache.oom.microbatch import MicroBatchRunner
+from lightning_tiercache.oom.recovery import MicroBatchPolicy, OOMConfig
+from lightning_tiercache.oom.split import split_batch
 
 
 def _model(width: int, device: torch.device) -> nn.Sequential:

@@ -84,7 +84,7 @@ def _fit(
     (``TierCacheCallback()``)."""
     import lightning as L
 
-    from lightning_tiercache.callback import TierCacheCallback
+    from lightning_tiercache.lightning.callback import TierCacheCallback
 
     starts: list[float] = []
 
@@ -122,7 +122,7 @@ def _self_time(model_cls: Any, steps: int, skip: int, control: bool = False) -> 
     ``control``: the same timers around a callback that does nothing: what the timers themselves cost."""
     import lightning as L
 
-    from lightning_tiercache.callback import TierCacheCallback
+    from lightning_tiercache.lightning.callback import TierCacheCallback
 
     base: Any = L.Callback if control else TierCacheCallback
 

@@ -8,7 +8,7 @@ codec or record functions called directly, and the store (A B C A B C ...), afte
 ``fraction`` is the median of per-round ratios ``limit time / our time`` (1.0 = at the limit).
 
 Sections:
-    ``codec``: :func:`lightning_tiercache.codec.encode` / ``decode_payload`` against plain zstandard level 1
+    ``codec``: :func:`lightning_tiercache.store.codec.encode` / ``decode_payload`` against plain zstandard level 1
         on the same bytes (compress and decompress throughput, and the size ratio raw / encoded).
     ``disk``: one tensor spilled through the store (``TierConfig(device_bytes=0, host_bytes=0)``, so
         ``put`` lands it on disk; ``put`` + ``settle`` is a write, ``get`` a read) against a raw file
@@ -29,7 +29,6 @@ from typing import Any
 import torch
 import zstandard
 
-from lightning_tiercache import codec as codecs
 from lightning_tiercache.bench.common import base_parser, emit, median
 from lightning_tiercache.bench.limits import (
     ACTIVATION_KINDS,
@@ -42,9 +41,10 @@ from lightning_tiercache.bench.limits import (
     scratch_dir,
 )
 from lightning_tiercache.config import TierConfig, parse_bytes
-from lightning_tiercache.store import Handle, TierStore
-from lightning_tiercache.tiers import Tier
-from lightning_tiercache.tiers.disk import read_record, write_record
+from lightning_tiercache.store import codec as codecs
+from lightning_tiercache.store.placement import Handle, TierStore
+from lightning_tiercache.store.tiers import Tier
+from lightning_tiercache.store.tiers.disk import read_record, write_record
 
 __all__ = ["DTYPES", "TARGETS", "main", "run"]
 

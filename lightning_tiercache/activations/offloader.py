@@ -1,0 +1,626 @@
+"""Activation offload: tensors autograd saves in forward go to a :class:`~lightning_tiercache.TierStore`.
+
+:class:`ActivationOffloader` installs ``torch.autograd.graph.saved_tensors_hooks``. ``pack`` hands each saved
+tensor that passes the policy to the store and returns a small ``Saved`` record; ``unpack`` gets the
+tensor back and starts fetching the entries the next backward regions need (see
+:mod:`lightning_tiercache.activations.prefetch_plan`). The store entry is freed when autograd drops the saved
+variable, so ``retain_graph=True``, double backward and an exception mid-forward need no special handling.
+
+Policy: parameters, leaves that need grad and views of either stay put (offloading them frees nothing);
+tensors under ``min_bytes`` stay put; tensors sharing a storage are stored once. The last
+``keep_tail_bytes`` of the forward stay in the device tier: their backward runs first.
+
+Note: [release after copy]
+    On CUDA, ``TierStore.put(t, tier=HOST)`` records an event on the producing stream, copies on a side
+    stream after it, and keeps ``t`` referenced until the copy finished; only then can the caching allocator
+    reuse its memory. The offloader drops its own reference right after ``put``.
+Note: [reload across streams]
+    A reloaded tensor is made on the store's upload stream. ``TierStore.get`` makes the caller's stream wait
+    for the copy and calls ``record_stream`` on it, so freeing the entry while backward kernels that read it
+    are still queued cannot hand its memory to the next upload. The views ``unpack`` returns share that
+    storage, so the same record covers them.
+
+The records ``pack`` returns, and their lifetime and version-check notes, are in
+:mod:`lightning_tiercache.activations.saved_tensors`.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import logging
+import threading
+import time
+import warnings
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from lightning_tiercache.activations.idle import IdleGate
+from lightning_tiercache.activations.prefetch_plan import (
+    ForwardPass,
+    PrefetchPlanner,
+    measure_pass,
+    probe_h2d_bytes_per_s,
+)
+from lightning_tiercache.activations.saved_tensors import (
+    Kept,
+    Saved,
+    Slot,
+    check_version,
+    extent,
+    gc_state,
+    keep,
+    storage_ref,
+    storage_span,
+    unkeep,
+)
+from lightning_tiercache.config import parse_bytes
+from lightning_tiercache.store.codec import dtype_code
+from lightning_tiercache.store.placement import Handle, TierStore
+from lightning_tiercache.store.tiers import Tier
+
+__all__ = ["OFFLOAD_TIERS", "ActivationOffloader", "OffloadConfig", "no_offload", "offload_activations"]
+
+log = logging.getLogger(__name__)
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_TENSOR = torch.Tensor
+_STRIDED = torch.strided
+_MAX_PENDING_PASSES = 4
+_IDLE = contextlib.nullcontext()
+_COUNTERS = (
+    "packed", "packed_bytes", "skipped_params", "skipped_small", "skipped_dup", "skipped_other", "skipped_bytes",
+    "bytes_offloaded", "bytes_kept", "unpacks", "unpack_waits", "unpack_misses", "prefetches", "steps",
+)  # fmt: skip
+
+
+#: Tiers an offloaded tensor may be sent to (the highest it may land in; a full tier passes it further down).
+OFFLOAD_TIERS = ("host", "disk")
+
+
+@dataclasses.dataclass(frozen=True)
+class OffloadConfig:
+    """Policy of an :class:`ActivationOffloader`. Sizes are int bytes; strings like ``"1MiB"`` are accepted.
+
+    Args:
+        min_bytes: saved tensors smaller than this stay where they are.
+        keep_tail_bytes: bytes at the end of the forward kept in the device tier (their backward runs first).
+            ``None``: planned from measurement (0 on the first step).
+        lead_bytes: how far ahead of backward prefetch runs. ``None``: planned from measured bandwidth and
+            backward time (one entry on the first step).
+        max_lead_bytes: upper bound of a planned lead and tail. ``None``: a fifth of a step's saved bytes.
+        prefetch: fetch entries ahead of backward; ``False`` reloads each on demand.
+        dedup: store tensors that share a storage once.
+        tier: the highest tier offloaded tensors go to, one of :data:`OFFLOAD_TIERS` (or a ``Tier``).
+        wait_threshold_s: an ``unpack`` blocked longer than this counts as a wait.
+        idle_probe_every: after a forward that stored nothing, forwards entered through ``for_batch`` with
+            batches no larger skip the saved-tensor hooks, except one in every ``idle_probe_every``, which checks
+            again (see :mod:`lightning_tiercache.activations.idle`). ``0``: hooks on every forward.
+    """
+
+    min_bytes: int | str = "64KiB"
+    keep_tail_bytes: int | str | None = None
+    lead_bytes: int | str | None = None
+    max_lead_bytes: int | str | None = None
+    prefetch: bool = True
+    dedup: bool = True
+    tier: Tier | str = "host"
+    wait_threshold_s: float = 1e-4
+    idle_probe_every: int = 64
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "min_bytes", parse_bytes(self.min_bytes, "min_bytes"))
+        for field in ("keep_tail_bytes", "lead_bytes", "max_lead_bytes"):
+            value = getattr(self, field)
+            if value is not None:
+                object.__setattr__(self, field, parse_bytes(value, field))
+        for field in ("prefetch", "dedup"):
+            if not isinstance(getattr(self, field), bool):
+                raise ValueError(f"{field}={getattr(self, field)!r} must be True or False")
+        tier = self.tier.label if isinstance(self.tier, Tier) else self.tier
+        if tier not in OFFLOAD_TIERS:
+            raise ValueError(f"tier={self.tier!r} is not one of {', '.join(OFFLOAD_TIERS)}")
+        object.__setattr__(self, "tier", Tier.HOST if tier == "host" else Tier.DISK)
+        n = self.idle_probe_every
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"idle_probe_every={n!r} must be an int >= 0")
+        w = self.wait_threshold_s
+        if isinstance(w, bool) or not isinstance(w, int | float) or not 0 <= w < 60:
+            raise ValueError(f"wait_threshold_s={w!r} must be a number of seconds in [0, 60)")
+
+    @property
+    def offload_tier(self) -> Tier:
+        return self.tier if isinstance(self.tier, Tier) else Tier[self.tier.upper()]
+
+
+class ActivationOffloader:
+    """Offloads tensors saved for backward to a :class:`~lightning_tiercache.TierStore`; reusable across steps.
+
+    Enter it around a forward (``with offloader:`` or ``offload_activations(offloader)``) and run backward
+    outside. The first step measures; later steps plan the prefetch lead and the resident tail from it.
+
+    Args:
+        store: where saved tensors go. Its device tier stands for accelerator memory.
+        config: the policy; keyword arguments (the fields of :class:`OffloadConfig`) build one instead.
+        module: the model, whose parameter and buffer storages are never offloaded (optional: parameters and
+            their views are recognized without it; plain-tensor buffers are not).
+        **kwargs: fields of :class:`OffloadConfig` (``min_bytes``, ``keep_tail_bytes``, ``lead_bytes``,
+            ``max_lead_bytes``, ``prefetch``, ``dedup``, ``tier``, ``wait_threshold_s``).
+
+    Raises:
+        TypeError: ``store`` is not a TierStore, or both ``config`` and keyword arguments were given.
+        ValueError: a keyword argument has a bad value (see :class:`OffloadConfig`).
+
+    Example::
+
+        off = ActivationOffloader(store, min_bytes="1MiB")
+        for x, y in loader:
+            with off:
+                loss = model(x, y).loss
+            loss.backward()
+        waited_s = off.stats()["unpack_wait_s"]  # near 0: reloads were hidden behind backward
+    """
+
+    def __init__(
+        self,
+        store: TierStore,
+        config: OffloadConfig | None = None,
+        *,
+        module: torch.nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if not isinstance(store, TierStore):
+            raise TypeError(f"store must be a TierStore, got {type(store).__name__}")
+        if config is not None and kwargs:
+            raise TypeError("pass either config or keyword arguments, not both")
+        self.store = store
+        self.config = config if config is not None else OffloadConfig(**kwargs)
+        self.module = module
+        cfg = self.config
+        self.planner = PrefetchPlanner(
+            _opt_int(cfg.lead_bytes), _opt_int(cfg.keep_tail_bytes), _opt_int(cfg.max_lead_bytes)
+        )
+        self._min_bytes = int(cfg.min_bytes)
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._deferred: collections.deque[Handle] = collections.deque()
+        self._done: list[ForwardPass] = []
+        self._counts: collections.Counter[str] = collections.Counter()
+        self._times: dict[str, float] = {"unpack_wait_s": 0.0, "unpack_wait_max_s": 0.0}
+        self._param_ptrs: frozenset[int] | None = frozenset()  # None: collect on first need this forward
+        self._dtype_ok: dict[torch.dtype, bool] = {}
+        self._warned_compile = False
+        self._last_store: dict[str, Any] | None = None
+        self._last_offloaded = 0
+        self._h2d_bytes_per_s: float | None = None
+        self._last: dict[str, float] = {}
+        self.gate = IdleGate(cfg.idle_probe_every)
+
+    # ------------------------------------------------------------------ context
+
+    def for_batch(self, batch: Any) -> contextlib.AbstractContextManager[Any]:
+        """The context for one forward of ``batch``: this offloader, or no hooks at all when it has nothing to do.
+
+        A forward that stored nothing lets later forwards of batches no larger run without the saved-tensor
+        hooks (see :mod:`lightning_tiercache.activations.idle`); ``with offloader:`` always installs them.
+        """
+        ctx = self.context_for(batch)
+        return _IDLE if ctx is None else ctx
+
+    def context_for(self, batch: Any) -> ActivationOffloader | None:
+        """:meth:`for_batch`, with ``None`` instead of an empty context (for callers that skip the ``with``)."""
+        shapes, skip = self.gate.check(batch)
+        if skip:
+            return None
+        self._local.shapes = shapes
+        return self
+
+    def __enter__(self) -> ActivationOffloader:
+        if self._deferred:
+            self._drain()
+        if self._done:  # passes whose backward may have run (a list's truth value reads atomically)
+            self._plan()
+        # Parameter storages can move between steps (resharding, .to()): collected again per forward, lazily,
+        # so a forward that saves only small tensors pays nothing for it.
+        self._param_ptrs = None if self.module is not None else frozenset()
+        hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+        hooks.__enter__()
+        shapes, self._local.shapes = getattr(self._local, "shapes", None), None
+        self._stack().append((hooks, ForwardPass(), shapes))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        hooks, p, shapes = self._stack().pop()
+        hooks.__exit__(*exc)
+        if exc[0] is None:
+            self.gate.observe(shapes, stored=bool(p.order))
+        self._end_forward(p)
+        if self._deferred:
+            self._drain()
+
+    def _stack(self) -> list[tuple[Any, ForwardPass, Any]]:
+        stack: list[tuple[Any, ForwardPass, Any]] | None = getattr(self._local, "stack", None)
+        if stack is None:
+            stack = self._local.stack = []
+        return stack
+
+    def _end_forward(self, p: ForwardPass) -> None:
+        """What is still in the resident window is the tail: it stays in the device tier."""
+        kept = 0
+        for ref, _ in p.window:
+            slot = ref()
+            if slot is not None and slot.tensor is not None:
+                slot.tensor = None
+                slot.kept = True
+                kept += slot.nbytes
+        p.window.clear()
+        p.window_bytes = 0
+        p.dedup.clear()
+        p.forward_done = True
+        with self._lock:
+            self._counts["steps"] += 1
+            self._counts["bytes_kept"] += kept
+            self._counts["skipped_small"] += p.small
+            self._counts["skipped_bytes"] += p.small_bytes
+            self._counts["skipped_params"] += p.params
+            if p.order:
+                self._done.append(p)
+                del self._done[:-_MAX_PENDING_PASSES]
+
+    # ------------------------------------------------------------------ pack
+
+    def pack(self, tensor: torch.Tensor) -> Saved | Kept:
+        """Hand ``tensor`` to the store (or leave it where it is); called by autograd in forward."""
+        if self._deferred:
+            self._drain()
+        stack = getattr(self._local, "stack", None)
+        p = stack[-1][1] if stack else None
+        # Note: [pack fast path] autograd calls this for every saved tensor, and most are small plain tensors or
+        # views of parameters (a linear layer saves its weight transposed). Those leave after a few attribute
+        # reads, counted on their forward's pass without the lock (`_end_forward` adds the counts up). In place,
+        # beside a step's kernels, the full checks took 1.4-2.2 us a small tensor and 10-17 us a weight view, and
+        # made a short forward with nothing to offload 28% slower (13% now; hooks that do nothing: 3%).
+        if (
+            p is not None
+            and type(tensor) is _TENSOR
+            and tensor.layout == _STRIDED
+            and not (tensor.is_quantized or tensor.is_nested)
+        ):
+            nbytes = tensor.nbytes
+            if nbytes < self._min_bytes:
+                p.small += 1
+                p.small_bytes += nbytes
+                return Kept(tensor)
+            if _of_params(tensor):
+                p.params += 1
+                return Kept(tensor)
+        reason = self._skip_reason(tensor)
+        if reason is not None or p is None:
+            reason = reason or "other"  # no pass: hooks of another thread's context (cannot happen; be safe)
+            with self._lock:
+                self._counts[f"skipped_{reason}"] += 1
+                if reason != "params":
+                    self._counts["skipped_bytes"] += tensor.numel() * tensor.element_size()
+            return Kept(tensor)
+        if self.config.dedup:
+            slot = self._find_dup(p, tensor)
+            if slot is not None:
+                with self._lock:
+                    self._counts["skipped_dup"] += 1
+                return Saved(slot, tensor)
+        flat, start = storage_span(tensor)
+        slot = Slot(self._release, p, flat, start)
+        slot.seq = p.add(slot, slot.nbytes)
+        if self.config.dedup:
+            storage = tensor.untyped_storage()
+            p.dedup[storage.data_ptr()] = (storage_ref(storage), weakref.ref(slot))
+        tail = self.planner.keep_tail_bytes
+        if tail <= 0:
+            slot.handle = self.store.put(flat, tier=self.config.offload_tier)
+            slot.tensor = None
+            offloaded = slot.nbytes
+        else:
+            slot.handle = self.store.put(flat)
+            p.window.append((weakref.ref(slot), slot.nbytes))
+            p.window_bytes += slot.nbytes
+            offloaded = self._shrink_window(p, tail)
+        with self._lock:
+            self._counts["packed"] += 1
+            self._counts["packed_bytes"] += slot.nbytes
+            self._counts["bytes_offloaded"] += offloaded
+        return Saved(slot, tensor)
+
+    def _shrink_window(self, p: ForwardPass, tail: int) -> int:
+        """Move the oldest window entries down until the window fits ``tail``; returns the bytes moved."""
+        moved = 0
+        while p.window_bytes > tail and p.window:
+            ref, nbytes = p.window.popleft()
+            p.window_bytes -= nbytes
+            slot = ref()
+            if slot is None or slot.tensor is None or slot.handle is None:
+                continue
+            old = slot.handle
+            slot.handle = self.store.put(slot.tensor, tier=self.config.offload_tier)  # Note: [release after copy]
+            slot.tensor = None
+            self.store.free(old)
+            moved += slot.nbytes
+        return moved
+
+    def _skip_reason(self, t: torch.Tensor) -> str | None:
+        if isinstance(t, torch.nn.Parameter):
+            return "params"
+        if type(t) not in _PLAIN or t.layout != torch.strided or t.is_quantized or t.is_nested:
+            return "other"
+        if t.numel() * t.element_size() < self._min_bytes:
+            return "small"  # the common case first: nothing below needs checking
+        if _of_params(t):
+            return "params"
+        if torch.compiler.is_compiling():
+            self._warn_compile()
+            return "other"
+        if t.is_conj() or t.is_neg() or not self._on_store_device(t.device) or not self._storable(t.dtype):
+            return "other"
+        if self._param_ptrs is None:
+            tensors = [*self.module.parameters(), *self.module.buffers()] if self.module is not None else []
+            self._param_ptrs = frozenset(x.untyped_storage().data_ptr() for x in tensors if x.numel())
+        if self._param_ptrs and t.untyped_storage().data_ptr() in self._param_ptrs:
+            return "params"
+        return None
+
+    def _on_store_device(self, device: torch.device) -> bool:
+        own = self.store.device
+        return device.type == own.type and (device.index or 0) == (own.index or 0)
+
+    def _storable(self, dtype: torch.dtype) -> bool:
+        ok = self._dtype_ok.get(dtype)
+        if ok is None:
+            try:
+                dtype_code(dtype)
+                ok = True
+            except TypeError:
+                ok = False
+            self._dtype_ok[dtype] = ok
+        return ok
+
+    def _find_dup(self, p: ForwardPass, t: torch.Tensor) -> Slot | None:
+        found = p.dedup.get(t.untyped_storage().data_ptr())
+        if found is None:
+            return None
+        storage_ref, slot_ref = found
+        slot = slot_ref()
+        if slot is None or storage_ref.expired() or slot.dtype != t.dtype:
+            return None
+        lo = t.storage_offset()
+        hi = lo + extent(t)
+        return slot if slot.start <= lo and hi <= slot.start + slot.length else None
+
+    def _warn_compile(self) -> None:
+        if not self._warned_compile:
+            self._warned_compile = True
+            warnings.warn(
+                "tiercache: activation offload is inactive inside code traced by torch.compile (the hooks see "
+                "fake tensors there). Enter offload_activations() outside the compiled function: the tensors a "
+                "compiled graph saves at run time are then offloaded.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    # ------------------------------------------------------------------ unpack
+
+    def unpack(self, packed: Saved | Kept) -> torch.Tensor:
+        """The saved tensor back, on its device; called by autograd in backward."""
+        if isinstance(packed, Kept):
+            return packed.get()
+        if self._deferred:
+            self._drain()
+        src = packed.src()
+        if src is not None:
+            check_version(src._version, packed.version)
+        slot = packed.slot
+        p = slot.pass_
+        if slot.handle is None:
+            raise RuntimeError("tiercache: a saved activation was used after its store entry was released")
+        graph = torch._C._current_graph_task_id()
+        if graph != p.graph_id:
+            p.graph_id = graph
+            p.cursor = None
+        start = time.perf_counter()
+        stored = self.store.get(slot.handle)
+        now = time.perf_counter()
+        wait = now - start
+        out = stored.as_strided(packed.size, packed.stride, stored.storage_offset() + packed.offset - slot.start)
+        if self.config.prefetch and p.forward_done:
+            due = p.due(slot.seq, self.planner.lead_bytes)
+            handles = [s.handle for s in due if s.handle is not None and not s.kept and not s.unpacked]
+            if handles:
+                for s in due:
+                    s.prefetched = True
+                self.store.prefetch(handles)
+                with self._lock:
+                    self._counts["prefetches"] += len(handles)
+        p.record(now, slot.seq, 0 if slot.unpacked else slot.nbytes, wait)
+        with self._lock:
+            self._counts["unpacks"] += 1
+            self._counts["unpack_waits"] += wait > self.config.wait_threshold_s
+            self._counts["unpack_misses"] += not (slot.kept or slot.prefetched or slot.unpacked)
+            self._times["unpack_wait_s"] += wait
+            self._times["unpack_wait_max_s"] = max(self._times["unpack_wait_max_s"], wait)
+        slot.unpacked = True
+        return out
+
+    # ------------------------------------------------------------------ lifetime
+
+    def _release(self, handle: Handle) -> None:
+        """Free a dead slot's entry (called from ``Slot.__del__``)."""
+        if gc_state.running:  # Note: [frees from the garbage collector]
+            self._deferred.append(handle)
+            return
+        try:
+            self.store.free(handle)
+        except Exception:  # a finalizer must not raise; the store logs its own failures
+            log.debug("tiercache: could not free an activation entry", exc_info=True)
+
+    def _drain(self) -> None:
+        while self._deferred:
+            try:
+                handle = self._deferred.popleft()
+            except IndexError:
+                return
+            self.store.free(handle)
+
+    def flush(self) -> None:
+        """Free the entries of saved tensors that died inside a garbage collection (normally done lazily)."""
+        self._drain()
+
+    def close(self) -> None:
+        """Release what this offloader still holds. The store stays open (it is the caller's)."""
+        self._drain()
+        with self._lock:
+            self._done.clear()
+
+    # ------------------------------------------------------------------ planning
+
+    def _plan(self) -> None:
+        """Measure the passes whose backward ran and update the plan."""
+        with self._lock:
+            ready = [p for p in self._done if p.events]
+            self._done = [p for p in self._done if not p.events]
+            offloaded = self._counts["bytes_offloaded"]
+        if not ready:
+            return
+        load = self._load_s_per_byte(offloaded)
+        for p in ready:
+            m = measure_pass(p, load, self.config.wait_threshold_s)
+            if m is None:
+                continue
+            self.planner.update(m)
+            self._last = {"backward_s": m.backward_s, "unpack_wait_s": m.wait_s, "unpack_waits": float(m.waits)}
+
+    def _load_s_per_byte(self, offloaded: int) -> float:
+        """Seconds per offloaded byte to bring it back, from the store's counters since the last plan."""
+        st = self.store.stats()
+        prev = self._last_store or {"spill_bytes": 0, "read_bytes": 0, "read_s": 0.0}
+        self._last_store = st
+        d_off = offloaded - self._last_offloaded
+        self._last_offloaded = offloaded
+        d_read = st["read_bytes"] - prev["read_bytes"]
+        disk = (st["read_s"] - prev["read_s"]) / d_read if d_read > 0 else self.planner.load_s_per_byte
+        frac_disk = min(1.0, (st["spill_bytes"] - prev["spill_bytes"]) / d_off) if d_off > 0 else 0.0
+        host = 0.0
+        if self.store.device.type == "cuda":
+            if self._h2d_bytes_per_s is None:
+                self._h2d_bytes_per_s = probe_h2d_bytes_per_s(self.store.device)
+            host = 1.0 / self._h2d_bytes_per_s
+        return frac_disk * disk + (1.0 - frac_disk) * host
+
+    # ------------------------------------------------------------------ reporting and state
+
+    def stats(self) -> dict[str, Any]:
+        """Counters since construction, the plan in use and the last measured step.
+
+        A forward's ``steps``, and the small and parameter tensors it leaves in place, are counted when it ends.
+        Keys: ``packed``, ``packed_bytes``, ``skipped_params``, ``skipped_small``, ``skipped_dup``,
+        ``skipped_other``, ``skipped_bytes`` (small and other tensors left in place), ``bytes_offloaded``
+        (bytes sent below the device tier), ``bytes_kept`` (the resident tails), ``unpacks``, ``unpack_waits``,
+        ``unpack_wait_s``, ``unpack_wait_max_s``, ``unpack_misses``, ``prefetches``, ``steps``, ``measured_steps``,
+        ``lead_bytes``, ``keep_tail_bytes``, ``prefetch_lead`` (the lead in average entries),
+        ``last_backward_s``, ``last_unpack_wait_s``, ``last_unpack_waits``, ``pending_frees``, ``idle_steps``
+        (forwards that ran without hooks: nothing to offload).
+        """
+        self._drain()
+        with self._lock:
+            out: dict[str, Any] = {k: self._counts[k] for k in _COUNTERS}
+            out["unpack_wait_s"] = self._times["unpack_wait_s"]
+            out["unpack_wait_max_s"] = self._times["unpack_wait_max_s"]
+        out["measured_steps"] = self.planner.measured_steps
+        out["lead_bytes"] = self.planner.lead_bytes
+        out["keep_tail_bytes"] = self.planner.keep_tail_bytes
+        out["prefetch_lead"] = self.planner.lead_entries
+        out["last_backward_s"] = self._last.get("backward_s", 0.0)
+        out["last_unpack_wait_s"] = self._last.get("unpack_wait_s", 0.0)
+        out["last_unpack_waits"] = int(self._last.get("unpack_waits", 0))
+        out["pending_frees"] = len(self._deferred)
+        out["idle_steps"] = self.gate.skipped
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """The tuned plan (lead, tail, measured rates), so a resumed run need not re-measure."""
+        return {**self.planner.state_dict(), "h2d_bytes_per_s": self._h2d_bytes_per_s}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; an empty dict changes nothing.
+
+        Raises:
+            ValueError: the state is from another version or holds a bad value.
+        """
+        if not state:
+            return
+        bw = state.get("h2d_bytes_per_s")
+        if bw is not None and (not isinstance(bw, int | float) or not bw > 0):
+            raise ValueError(f"h2d_bytes_per_s={bw!r} must be None or a number > 0")
+        self.planner.load_state_dict({k: v for k, v in state.items() if k != "h2d_bytes_per_s"})
+        self._h2d_bytes_per_s = float(bw) if bw is not None else None
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _of_params(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a leaf that needs grad (a parameter) or a view of one: offloading it frees nothing."""
+    if t.requires_grad and t.is_leaf:
+        return True
+    base = t._base
+    return base is not None and (isinstance(base, torch.nn.Parameter) or (base.is_leaf and base.requires_grad))
+
+
+def _opt_int(value: int | str | None) -> int | None:
+    return None if value is None else int(value)
+
+
+@contextlib.contextmanager
+def offload_activations(target: TierStore | ActivationOffloader, **kwargs: Any) -> Iterator[ActivationOffloader]:
+    """Offload tensors saved for backward inside the ``with`` block.
+
+    Args:
+        target: a store (a new :class:`ActivationOffloader` is made over it) or an offloader to reuse; reuse
+            one across steps so later steps run on the measured plan.
+        **kwargs: offloader arguments, only with a store.
+
+    Raises:
+        TypeError: ``target`` is neither, or keyword arguments came with an offloader.
+
+    Example::
+
+        with TierStore(cfg) as store:
+            with offload_activations(store):
+                loss = model(x).loss
+            loss.backward()
+    """
+    if isinstance(target, ActivationOffloader):
+        if kwargs:
+            raise TypeError(f"offload_activations(offloader) takes no keyword arguments, got {sorted(kwargs)}")
+        off = target
+    elif isinstance(target, TierStore):
+        off = ActivationOffloader(target, **kwargs)
+    else:
+        raise TypeError(f"offload_activations() takes a TierStore or an ActivationOffloader, got {type(target)}")
+    with off:
+        yield off
+
+
+@contextlib.contextmanager
+def no_offload() -> Iterator[None]:
+    """Keep tensors saved inside the block where they are (the innermost hooks win), e.g. a small head.
+
+    Example::
+
+        with offload_activations(store):
+            h = model.body(x)
+            with no_offload():
+                loss = model.head(h)
+    """
+    with torch.autograd.graph.saved_tensors_hooks(keep, unkeep):
+        yield

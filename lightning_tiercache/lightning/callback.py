@@ -1,0 +1,457 @@
+"""TierCacheCallback: the Lightning face of lightning_tiercache (a thin shell over the parts below it)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+from lightning_tiercache.config import TierConfig, parse_bytes
+from lightning_tiercache.lightning.batch_copy import NextBatchCopier
+from lightning_tiercache.lightning.runtime import TierRuntime, kv_config, oom_config
+from lightning_tiercache.lightning.telemetry import Telemetry
+from lightning_tiercache.store.events import gather_events
+from lightning_tiercache.store.placement import TierStore
+
+__all__ = ["TierCacheCallback"]
+
+log = logging.getLogger(__name__)
+_EVAL_STAGES = ("validate", "test", "predict")
+
+
+class TierCacheCallback(Callback):
+    r"""Tiered memory for fine-tuning and eval: activation offload, OOM recovery, a tiered KV cache, telemetry.
+
+    One :class:`~lightning_tiercache.TierStore` per process (per rank, each with a private spill folder) lives
+    from ``setup`` to ``teardown``. During ``fit`` saved activations go to the store; in every stage an OOM
+    strategy hook splits and retries a step that ran out of memory; in eval stages a
+    :class:`~lightning_tiercache.TieredKVCache` serves repeated prompt prefixes, and HF models inside the
+    module use it in ``generate``. The module reaches the cache as
+    ``TierCacheCallback.get(self.trainer).kv_cache``. Teardown and exceptions release everything and delete
+    the spill files. With no arguments it sizes the tiers from what this machine has free.
+
+    Args:
+        device_bytes: device-tier budget (``"8GiB"`` or bytes); ``None``: half of the free CUDA memory, or a
+            quarter of available RAM on a CPU-only machine.
+        host_bytes: host-tier budget; ``None``: half of available RAM.
+        disk_bytes: disk-tier budget; ``0`` turns spilling off; ``None``: half of the free disk.
+        spill_dir: parent of each rank's private spill folder; ``None``: the system temp dir.
+        codec: spill codec, one of :data:`lightning_tiercache.config.CODECS` (all lossless).
+        policy: eviction policy name (``lru``, ``lfu``, ``s3fifo`` or a registered one).
+        io_threads: disk I/O threads per rank.
+        offload_activations: offload saved activations to the store during ``fit``.
+        min_offload_bytes: activations smaller than this stay where they are.
+        offload_keep_tail_bytes: bytes at the end of the forward kept resident (``None``: from measurement).
+        offload_idle_probe_every: once a forward had nothing to offload, forwards of batches no larger skip the
+            saved-tensor hooks except one in this many; ``0`` keeps them on (models whose saved sizes depend on
+            the data, not the input shapes).
+        oom_recovery: split and retry steps that run out of memory (train, validate, test, predict).
+        oom_initial_micro_batches: micro-batches per step before any OOM.
+        oom_max_micro_batches: most micro-batches a batch is split into.
+        oom_grow_back_after_steps: good steps after which half as many micro-batches are tried (0: never).
+        oom_loss_reduction: ``"mean"`` or ``"sum"``: how the step's loss is reduced over samples.
+        oom_split_eval: also split and retry validation, test and predict steps.
+        split_fn: ``split_fn(batch, n)`` for batch types the built-in rules do not split.
+        merge_fn: ``merge_fn(outputs, sizes)`` for eval outputs the built-in rules do not merge.
+        kv_cache: HF models in the module use a tiered KV cache with prefix reuse in ``generate``.
+        kv_block_tokens: tokens per prefix block (the unit of reuse).
+        kv_offload: also tier the K/V working set (device holds ``kv_device_layers`` layers).
+        kv_device_layers: layers assembled on the device when ``kv_offload`` is on.
+        kv_persist_dir: folder where prefix blocks survive process restarts (``None``: off).
+        kv_quant: codec of stored prefix blocks: ``none`` (exact), ``int8`` or ``int4`` (lossy).
+        kv_model_version: names the weights in block keys; ``None``: a fingerprint of the weights, plus the
+            global step during ``fit``.
+        log_every_n_steps: log telemetry every this many steps; ``None``: the Trainer's ``log_every_n_steps``.
+        progress_bar: show a short summary (``tc_hit``, ``tc_dev``, ``tc_mb``) on the progress bar.
+        wandb_extras: with a ``WandbLogger``, define metric summaries and log the ``tiercache/events`` table.
+        copy_next_batch: on CUDA, copy the next batch to the device on a side stream while this one computes
+            (overlaps only from pinned memory: ``DataLoader(pin_memory=True)``); nothing on other devices.
+
+    Raises:
+        ValueError: a size, name or count is invalid (the message names the argument and the valid values).
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[TierCacheCallback(host_bytes="16GiB")], logger=WandbLogger())
+        trainer.fit(model, datamodule)
+
+    Logged keys (every ``log_every_n_steps`` batches and at the end of each stage, through ``trainer.loggers``,
+    reduced across ranks; :data:`lightning_tiercache.lightning.telemetry.METRICS` is the full table with units and
+    reductions): ``tiercache/{device,host,disk}/{bytes,entries,budget_use,peak_bytes}``, ``tiercache/hit_rate``,
+    ``tiercache/prefetch/{wait_share,wait_p50_s,wait_p95_s,wait_s}``,
+    ``tiercache/bandwidth/{to_device,to_host,to_disk,from_disk}_bytes_per_s``, ``tiercache/spills``,
+    ``tiercache/evictions``, ``tiercache/drops``, ``tiercache/disk_errors_recovered``, ``tiercache/ranks``,
+    ``tiercache/host_ram/{rss_bytes,available_bytes}``,
+    ``tiercache/device_memory/{allocated_bytes,reserved_bytes,alloc_retries}`` (CUDA),
+    ``tiercache/activations/{offloaded_bytes,unpack_wait_share,unpack_wait_s,prefetch_lead}`` (fit),
+    ``tiercache/oom/{retries,micro_batches}``, ``tiercache/kv/{hit_rate,hit_tokens,blocks,evictions}`` (eval),
+    and with W&B the ``tiercache/events`` table.
+    """
+
+    # Note: [unused step hooks] Lightning calls every hook of every callback, each inside a profiler context
+    # (about 15 Python calls a hook), and skips an attribute that is not callable (`_call_callback_hooks`, since
+    # Lightning 1.6). These four run on every training step and have nothing to do here; as `None` they cost
+    # nothing (they were 65 of the 149 calls, and about 30 k of the 200 k instructions, the callback added to a
+    # short step with nothing to offload).
+    on_before_zero_grad = None  # type: ignore[assignment]
+    on_before_backward = None  # type: ignore[assignment]
+    on_after_backward = None  # type: ignore[assignment]
+    on_before_optimizer_step = None  # type: ignore[assignment]
+
+    def __init__(
+        self,
+        *,
+        device_bytes: int | str | None = None,
+        host_bytes: int | str | None = None,
+        disk_bytes: int | str | None = None,
+        spill_dir: str | None = None,
+        codec: str = "auto",
+        policy: str = "lru",
+        io_threads: int = 2,
+        offload_activations: bool = True,
+        min_offload_bytes: int | str = "64KiB",
+        offload_keep_tail_bytes: int | str | None = None,
+        offload_idle_probe_every: int = 64,
+        oom_recovery: bool = True,
+        oom_initial_micro_batches: int = 1,
+        oom_max_micro_batches: int = 1024,
+        oom_grow_back_after_steps: int = 100,
+        oom_loss_reduction: str = "mean",
+        oom_split_eval: bool = True,
+        split_fn: Callable[[Any, int], list[Any]] | None = None,
+        merge_fn: Callable[[list[Any], list[int]], Any] | None = None,
+        kv_cache: bool = True,
+        kv_block_tokens: int = 64,
+        kv_offload: bool = False,
+        kv_device_layers: int = 1,
+        kv_persist_dir: str | None = None,
+        kv_quant: str = "none",
+        kv_model_version: str | None = None,
+        log_every_n_steps: int | None = None,
+        progress_bar: bool = True,
+        wandb_extras: bool = True,
+        copy_next_batch: bool = True,
+    ) -> None:
+        # Validate now (not at setup), so a bad YAML fails before the run starts.
+        tier_config = TierConfig(
+            device_bytes=device_bytes, host_bytes=host_bytes, disk_bytes=disk_bytes, spill_dir=spill_dir,
+            codec=codec, policy=policy, io_threads=io_threads,
+        )  # fmt: skip
+        offload: dict[str, Any] = {
+            "min_bytes": parse_bytes(min_offload_bytes, "min_offload_bytes"),
+            "idle_probe_every": offload_idle_probe_every,
+        }
+        if offload_keep_tail_bytes is not None:
+            offload["keep_tail_bytes"] = parse_bytes(offload_keep_tail_bytes, "offload_keep_tail_bytes")
+        oom = oom_config(
+            enabled=oom_recovery, initial_micro_batches=oom_initial_micro_batches,
+            max_micro_batches=oom_max_micro_batches, grow_back_after_steps=oom_grow_back_after_steps,
+            loss_reduction=oom_loss_reduction, split_eval=oom_split_eval, split_fn=split_fn, merge_fn=merge_fn,
+        )  # fmt: skip
+        kv = kv_config(
+            kv_cache, block_tokens=kv_block_tokens, offload=kv_offload, device_layers=kv_device_layers,
+            persist_dir=kv_persist_dir, quant=kv_quant,
+        )  # fmt: skip
+        if log_every_n_steps is not None and (
+            isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1
+        ):
+            raise ValueError(f"log_every_n_steps={log_every_n_steps!r} must be an int >= 1 or None")
+        n = offload_idle_probe_every
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"offload_idle_probe_every={n!r} must be an int >= 0")
+        if not isinstance(copy_next_batch, bool):
+            raise ValueError(f"copy_next_batch={copy_next_batch!r} must be True or False")
+        self.runtime = TierRuntime(
+            tier_config, offload=offload if offload_activations else None, oom=oom, kv=kv,
+            kv_model_version=kv_model_version,
+        )  # fmt: skip
+        self.log_every_n_steps = log_every_n_steps
+        self.progress_bar = progress_bar
+        self.wandb_extras = wandb_extras
+        self.copy_next_batch = copy_next_batch
+        self.copier: NextBatchCopier | None = None  # set up on CUDA; kept after teardown for its stats()
+        self.telemetry: Telemetry | None = None
+        self.last_metrics: dict[str, float] = {}
+        self._wandb: Any = None
+        self._state: dict[str, Any] = {}
+        self._stage: str | None = None
+        self._eval_batches = 0
+        self._last_logged: tuple[str, int] | None = None
+        self._bar_values: dict[str, float | int] = {}
+        self._bar_patch: tuple[Any, bool, Any] | None = None
+
+    @property
+    def store(self) -> TierStore | None:
+        """This rank's store (between ``setup`` and ``teardown``)."""
+        return self.runtime.store
+
+    @property
+    def kv_cache(self) -> Any:
+        """The ``generate`` hook of the module's HF models (``make_cache(model)`` gives a cache), or ``None``."""
+        return self.runtime.kv
+
+    @staticmethod
+    def get(trainer: pl.Trainer) -> TierCacheCallback:
+        """The trainer's ``TierCacheCallback`` (for ``self.trainer`` in a LightningModule).
+
+        Raises:
+            LookupError: the trainer has no ``TierCacheCallback``.
+        """
+        for cb in trainer.callbacks:  # type: ignore[attr-defined]
+            if isinstance(cb, TierCacheCallback):
+                return cb
+        raise LookupError("the trainer has no TierCacheCallback; add one: Trainer(callbacks=[TierCacheCallback()])")
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._stage = stage
+        device = trainer.strategy.root_device
+        self.runtime.open(device, pl_module, train=stage == "fit", state=self._state)
+        if self.runtime.hook is not None:
+            self.runtime.hook.install(trainer)
+        self.copier = NextBatchCopier.for_trainer(trainer) if self.copy_next_batch else None
+        if self.copier is not None:
+            self.copier.install(trainer)
+        every = self.log_every_n_steps or max(1, int(getattr(trainer, "log_every_n_steps", 50) or 1))
+        self.telemetry = Telemetry(every, device=device)
+        self._show_on_progress_bar(trainer)
+        if self.wandb_extras and trainer.is_global_zero:
+            from lightning_tiercache.lightning.wandb_support import find_wandb_logger
+
+            wandb_logger = find_wandb_logger(trainer.loggers)
+            if wandb_logger is not None:
+                from lightning_tiercache.lightning.wandb_support import WandbBridge
+
+                self._wandb = WandbBridge(wandb_logger)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._release()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._release()
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {**self._state, **self.runtime.state_dict()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Note: [restore after setup] Lightning restores callback state after ``setup``: the parts exist and
+        # take it now; a later ``setup`` (the next trainer call) starts from it too.
+        self._state = dict(state_dict)
+        self.runtime.load_state_dict(state_dict)
+
+    # ------------------------------------------------------------------ stage and batch boundaries
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.runtime.set_weights_version(pl_module, trainer.global_step)
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.runtime.set_weights_version(pl_module, trainer.global_step if self._stage == "fit" else None)
+
+    @override
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.runtime.set_weights_version(pl_module, None)
+
+    @override
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.runtime.set_weights_version(pl_module, None)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._batch_start(trainer, batch, eval=False)
+
+    def _batch_start(self, trainer: pl.Trainer, batch: Any, *, eval: bool) -> None:
+        """Settle the store, prefetch the batch's KV blocks (eval) and start copying the next batch (CUDA)."""
+        self.runtime.batch_start(batch, eval=eval)
+        if self.copier is not None:
+            self.copier.copy_next(trainer, eval=eval)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.runtime.kv is not None:
+            self.runtime.set_weights_version(pl_module, trainer.global_step)  # KV of older weights is never served
+        # Lightning logs this batch's metrics at ``_batches_that_stepped`` before it increments; match it.
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        self._maybe_log(trainer, pl_module, "train", step, step)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log_now(trainer, "train", trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+    def _eval_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule | None, stage: str) -> None:
+        if trainer.sanity_checking:
+            return
+        self._eval_batches += 1
+        if self._stage != "fit":  # validation inside fit logs once, at its end, at the training step
+            self._maybe_log(trainer, pl_module, stage, self._eval_batches - 1, self._eval_batches - 1)
+
+    @override
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._batch_start(trainer, batch, eval=True)
+
+    @override
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._eval_end(trainer, pl_module, "validate")
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            step = trainer.fit_loop.epoch_loop._batches_that_stepped if self._stage == "fit" else self._eval_batches
+            self._log_now(trainer, "validate", step)
+
+    @override
+    def on_test_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._batch_start(trainer, batch, eval=True)
+
+    @override
+    def on_test_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._eval_end(trainer, pl_module, "test")
+
+    @override
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log_now(trainer, "test", self._eval_batches)
+
+    @override
+    def on_predict_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._batch_start(trainer, batch, eval=True)
+
+    @override
+    def on_predict_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._eval_end(trainer, None, "predict")  # self.log is not allowed in predict
+
+    @override
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log_now(trainer, "predict", self._eval_batches)
+
+    # ------------------------------------------------------------------ telemetry
+
+    def _maybe_log(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule | None, stage: str, index: int, step: int
+    ) -> None:
+        if self.telemetry is None or not self.telemetry.due(index):
+            return
+        self._log_now(trainer, stage, step)
+
+    def _show_on_progress_bar(self, trainer: pl.Trainer) -> None:
+        """Add the summary to the progress bar's ``get_metrics`` (its documented override point).
+
+        Wrapping that one method, instead of ``self.log(..., prog_bar=True)``, costs nothing per step: logged
+        keys would be carried through every later step's result processing.
+        """
+        bar = trainer.progress_bar_callback
+        if not self.progress_bar or bar is None or self._bar_patch is not None:
+            return
+        original = bar.get_metrics
+        values = self._bar_values
+
+        def get_metrics(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+            return {**original(trainer, pl_module), **values}
+
+        self._bar_patch = (bar, "get_metrics" in vars(bar), vars(bar).get("get_metrics"))
+        bar.get_metrics = get_metrics  # type: ignore[method-assign]
+
+    def _hide_from_progress_bar(self) -> None:
+        if self._bar_patch is None:
+            return
+        bar, had, value = self._bar_patch
+        self._bar_patch = None
+        if had:
+            bar.get_metrics = value
+        else:
+            vars(bar).pop("get_metrics", None)
+
+    def _log_now(self, trainer: pl.Trainer, stage: str, step: int) -> None:
+        """Sample, reduce across ranks (a collective: every rank gets here at the same step) and log."""
+        if self.telemetry is None or self.store is None or self._last_logged == (stage, step):
+            return
+        self._last_logged = (stage, step)
+        rt = self.runtime
+        train = stage == "train"
+        values = self.telemetry.sample(
+            rt.store,
+            activations=rt.offloader if train else None,
+            oom=rt.hook if rt.hook is not None and rt.hook.config.enabled else None,
+            kv=None if train else rt.kv,
+            oom_prefix="" if train else "eval_",
+        )
+        reduced = self.telemetry.reduce(values)
+        self.last_metrics.update(reduced)
+        if self._bar_patch is not None:
+            self._bar_values["tc_hit"] = round(reduced.get("tiercache/hit_rate", 1.0), 3)
+            self._bar_values["tc_dev"] = round(reduced.get("tiercache/device/budget_use", 0.0), 3)
+            if "tiercache/oom/micro_batches" in reduced:
+                self._bar_values["tc_mb"] = int(reduced["tiercache/oom/micro_batches"])
+        self.telemetry.log(trainer.loggers, reduced, step)
+        # Every rank drains and joins the gather (a collective, like the reduce above); rank zero alone has
+        # the loggers and the W&B bridge, so it logs every rank's events, each with its own rank.
+        pairs = rt.drain_events()
+        gathered = gather_events(pairs, device=trainer.strategy.root_device)
+        for rank, source, event in gathered if trainer.is_global_zero else []:
+            log.info(
+                "tiercache %s event at step %d (rank %d): %s %s",
+                source, step, rank, event.get("event"), event.get("detail"),
+            )  # fmt: skip
+            if self._wandb is not None:
+                self._wandb.add_events([event], step=step, source=source, rank=rank)
+
+    # ------------------------------------------------------------------ release
+
+    def _release(self) -> None:
+        """Close every part and the store (spill files deleted); keep the state for a later stage."""
+        self._state = self.state_dict()
+        self._last_logged = None
+        self._eval_batches = 0
+        wandb_bridge, self._wandb = self._wandb, None
+        try:
+            self._hide_from_progress_bar()
+            self.runtime.close()
+        finally:
+            if self.copier is not None:
+                self.copier.uninstall()
+            if wandb_bridge is not None:
+                wandb_bridge.flush()

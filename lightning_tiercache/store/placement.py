@@ -1,0 +1,856 @@
+"""TierStore: one tensor store over device memory, host memory and disk, with budgets and async moves.
+
+An entry lives in exactly one tier once its moves settle. New entries land in the highest tier allowed;
+a tier over budget asks its policy for victims and moves them one tier down (skipping tiers with a zero
+budget). ``get`` brings an entry back to the top tier; ``prefetch`` starts that early. *Required* entries
+are never dropped; *cache* entries are dropped when nothing below has room.
+
+Concurrency: one lock guards the entry table, budgets and policies, and is never held while bytes move.
+Disk reads and writes run in a small pool of named I/O threads; CUDA copies run on side streams (see
+:mod:`lightning_tiercache.store.tiers.device`). Each entry has at most one move in flight, and ``get`` waits only
+for that move.
+
+Note: [pool reuse]
+    On CUDA the host tier's bytes live in pinned pool buffers. An upload from such a buffer is queued on a
+    side stream; the buffer goes back to the pool (where the next download may overwrite it) only after
+    every upload that reads it has completed, tracked by ``_Entry.reader`` and the recycle jobs.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import dataclasses
+import enum
+import itertools
+import logging
+import math
+import shutil
+import threading
+import time
+import typing
+import warnings
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+from lightning_tiercache.config import TierConfig
+from lightning_tiercache.errors import (
+    EntryEvictedError,
+    EntryNotFoundError,
+    SpillCorruptError,
+    SpillError,
+    StoreClosedError,
+)
+from lightning_tiercache.store.codec import AutoCodec, encode_with
+from lightning_tiercache.store.policy import EvictionPolicy, make_policy
+from lightning_tiercache.store.tiers import Tier
+from lightning_tiercache.store.tiers.device import DeviceLink
+from lightning_tiercache.store.tiers.disk import DiskFullError, SpillDir, read_record, write_parts
+from lightning_tiercache.store.tiers.host import PinnedPool
+
+__all__ = ["Handle", "Kind", "Tier", "TierStore", "resolve_budgets"]
+
+log = logging.getLogger(__name__)
+_TIERS = (Tier.DEVICE, Tier.HOST, Tier.DISK)
+_store_ids = itertools.count(1)
+
+
+class Kind(str, enum.Enum):
+    """Whether an entry must come back (``REQUIRED``) or may be dropped under pressure (``CACHE``)."""
+
+    REQUIRED = "required"
+    CACHE = "cache"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Handle:
+    """Names one entry of one store. Cheap to copy and hash; holds no tensor."""
+
+    id: int
+    nbytes: int
+    kind: Kind
+    store: int
+
+
+@dataclasses.dataclass(eq=False, slots=True)
+class _Entry:
+    id: int
+    kind: Kind
+    key: str | None
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    device: torch.device
+    top: Tier
+    tier: Tier
+    data: torch.Tensor | None = None
+    buf: torch.Tensor | None = None  # pinned pool buffer backing ``data`` in the host tier
+    reader: Any = None  # CUDA event of the last upload that reads ``buf`` (it goes back to the pool after it)
+    event: Any = None  # CUDA event after which ``data`` is valid
+    move: cf.Future[None] | None = None
+    move_to: Tier | None = None
+    pins: int = 0
+    freed: bool = False
+    dropped: bool = False
+    no_disk: bool = False
+
+
+def resolve_budgets(cfg: TierConfig, device: torch.device) -> dict[Tier, int]:
+    """Budgets in bytes, filling ``None`` fields from what this machine has free."""
+    avail = psutil.virtual_memory().available
+    if cfg.device_bytes is not None:
+        dev = int(cfg.device_bytes)
+    elif device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        dev = int(free * 0.5)
+    else:
+        dev = int(avail * 0.25)
+    host = int(cfg.host_bytes) if cfg.host_bytes is not None else int(avail * 0.5)
+    if cfg.disk_bytes is not None:
+        disk = int(cfg.disk_bytes)
+    else:
+        parent = cfg.spill_parent
+        while not parent.exists():
+            parent = parent.parent
+        disk = int(shutil.disk_usage(parent).free * 0.5)
+    return {Tier.DEVICE: dev, Tier.HOST: host, Tier.DISK: disk}
+
+
+class TierStore:
+    """A thread-safe tiered tensor store. Use as a context manager or call :meth:`close`.
+
+    Args:
+        config: budgets, codec and policy; ``TierConfig()`` sizes everything from this machine.
+
+    Example::
+
+        with TierStore(TierConfig(device_bytes="1GiB", host_bytes="8GiB")) as store:
+            h = store.put(t)
+            store.prefetch([h])
+            assert torch.equal(store.get(h), t)
+            store.free(h)
+    """
+
+    def __init__(self, config: TierConfig | None = None) -> None:
+        self.config = config or TierConfig()
+        if self.config.device is not None:
+            self.device = torch.device(self.config.device)
+        else:
+            self.device = (
+                torch.device("cuda", torch.cuda.current_device())
+                if torch.cuda.is_available()
+                else (torch.device("cpu"))
+            )
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self._budget = resolve_budgets(self.config, self.device)
+        pin = self.config.pin_memory if self.config.pin_memory is not None else self.device.type == "cuda"
+        self._pool = PinnedPool(self._budget[Tier.HOST] // 4, pin=pin) if self.device.type == "cuda" else None
+        self._link = DeviceLink(self.device, self._pool)
+        self._spill: SpillDir | None = None
+        self._auto = AutoCodec(self.config.zstd_level)
+        self._lock = threading.Lock()
+        self._id = next(_store_ids)
+        self._ids = itertools.count(1)
+        self._entries: dict[int, _Entry] = {}
+        self._keys: dict[str, int] = {}
+        self._policies: dict[Tier, EvictionPolicy] = {t: make_policy(self.config.policy) for t in _TIERS}
+        self._used = dict.fromkeys(_TIERS, 0)
+        self._leaving = dict.fromkeys(_TIERS, 0)
+        self._peak = dict.fromkeys(_TIERS, 0)
+        self._counts: collections.Counter[str] = collections.Counter()
+        self._busy_s: collections.defaultdict[str, float] = collections.defaultdict(float)
+        self._waits: collections.deque[float] = collections.deque(maxlen=4096)
+        self._events: collections.deque[dict[str, Any]] = collections.deque(maxlen=512)
+        self._warned: set[str] = set()
+        self._io = cf.ThreadPoolExecutor(self.config.io_threads, thread_name_prefix="tiercache-io")
+        self._fence = cf.ThreadPoolExecutor(1, thread_name_prefix="tiercache-fence")
+        # Every background job not yet finished (moves, buffer recycling), so settle() costs O(jobs).
+        self._inflight: set[cf.Future[None]] = set()
+        self._inflight_lock = threading.Lock()  # taken inside self._lock or alone, never the other way round
+        self._dropped_ids: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self._closed = False
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def budgets(self) -> dict[Tier, int]:
+        """Current byte budget of each tier."""
+        with self._lock:
+            return dict(self._budget)
+
+    @property
+    def spill_path(self) -> Path | None:
+        """This store's private spill folder, once something was spilled."""
+        return self._spill.path if self._spill is not None else None
+
+    def put(
+        self,
+        tensor: torch.Tensor,
+        *,
+        kind: Kind | str = Kind.REQUIRED,
+        key: str | None = None,
+        tier: Tier | None = None,
+    ) -> Handle:
+        """Hand ``tensor`` to the store and return at once; moves happen in the background.
+
+        The store keeps a reference to ``tensor`` while it stays in the device tier: do not change it in
+        place afterwards. ``tier`` is the highest tier the entry may land in. An entry with a ``key`` can be
+        found with :meth:`lookup`; a new entry with the same key replaces the old one.
+
+        Raises:
+            TypeError: ``tensor`` is not a tensor, or is not a dense (strided) tensor.
+            ValueError: ``tensor`` is on a device this store does not serve.
+        """
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"put() takes a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.layout != torch.strided:
+            raise TypeError(f"put() takes dense (strided) tensors, got layout {tensor.layout}")
+        kind = Kind(kind)
+        top = self._top_tier(tensor.device)
+        nbytes = tensor.numel() * tensor.element_size()
+        ready = self._link.mark_ready(tensor)
+        with self._lock:
+            self._check_open()
+            if key is not None and key in self._keys:
+                self._free_locked(self._entries[self._keys[key]])
+            e = _Entry(
+                next(self._ids), kind, key, nbytes, tensor.dtype, tuple(tensor.shape), tensor.device, top, top,
+                data=tensor.detach(), event=ready,
+            )  # fmt: skip
+            self._entries[e.id] = e
+            if key is not None:
+                self._keys[key] = e.id
+            self._add(e, top)
+            self._policies[top].insert(e.id)
+            self._counts["puts"] += 1
+            self._counts["put_bytes"] += nbytes
+            target = self._landing(e, max(top, tier if tier is not None else top))
+            if target != top:
+                self._start_move(e, target)
+            self._enforce(top, exclude=e.id)
+            return Handle(e.id, nbytes, kind, self._id)
+
+    def get(self, handle: Handle) -> torch.Tensor:
+        """The entry's tensor, on the device it was put from; blocks until it is there.
+
+        Raises:
+            EntryNotFoundError: the handle was freed or is not from this store.
+            EntryEvictedError: a cache entry was dropped; recompute it.
+            SpillError: its spill file is missing or corrupt (the entry is removed).
+        """
+        with self._lock:
+            e = self._entry(handle)
+            e.pins += 1  # nothing moves it down until it has been handed out
+        waited = 0.0
+        try:
+            while True:
+                with self._lock:
+                    e = self._entry(handle)
+                    leaving = e.move_to is not None and e.move_to > e.tier
+                    stays = e.move is None and self._promotion_target(e) is None
+                    if e.data is not None and (e.tier == e.top or leaving or stays):
+                        # Resident at the top, being moved down while its bytes are still valid, or in
+                        # memory that no tier above has room for.
+                        self._policies[e.tier].access(e.id)
+                        self._counts["gets"] += 1
+                        self._counts["hits" if not waited else "gets_after_wait"] += 1
+                        data, event = e.data, e.event
+                        if data.device != e.device:
+                            # Note: [pool reuse] upload now, while the entry is pinned, and keep the pool
+                            # buffer out of the pool until this upload has read it.
+                            data, event = self._link.to_device(data)
+                            self._counts["bytes_to_device"] += e.nbytes
+                            if e.buf is not None:
+                                e.reader = event
+                        break
+                    target = self._promotion_target(e) if e.move is None else None
+                    if e.move is None and target is not None:
+                        self._start_move(e, target)
+                        continue
+                    fut = e.move
+                if fut is None:  # nothing above has room: read it through without placing it
+                    data, event = self._read_through(e), None
+                    break
+                start = time.perf_counter()
+                cf.wait([fut])
+                waited += time.perf_counter() - start
+                err = fut.exception()
+                if err is not None:
+                    raise err
+        finally:
+            with self._lock:
+                e.pins -= 1
+                if not e.freed and not self._closed:
+                    self._enforce(e.tier)
+        if waited:
+            with self._lock:
+                self._counts["waits"] += 1
+                self._busy_s["wait"] += waited
+                self._waits.append(waited)
+        if data.device != e.device:  # read through from disk: not in any pool
+            data, event = self._link.to_device(data)
+        return self._link.hand_over(data, event)
+
+    def prefetch(self, handles: Iterable[Handle]) -> None:
+        """Start bringing entries back toward the top tier, in the given order. Unknown handles are skipped."""
+        with self._lock:
+            self._check_open()
+            for h in handles:
+                e = self._entries.get(h.id) if h.store == self._id else None
+                if e is None or e.move is not None or e.tier == e.top:
+                    continue
+                target = self._promotion_target(e)
+                if target is not None:
+                    self._counts["prefetches"] += 1
+                    try:
+                        self._start_move(e, target)
+                    except (torch.OutOfMemoryError, RuntimeError):  # best effort: get() will try again
+                        log.debug("prefetch of entry %d failed; it stays in %s", e.id, e.tier.label)
+
+    def free(self, handle: Handle) -> None:
+        """Forget an entry and release its bytes in every tier. Freeing twice is a no-op."""
+        with self._lock:
+            if self._closed or handle.store != self._id:
+                return
+            e = self._entries.get(handle.id)
+            if e is not None:
+                self._free_locked(e)
+
+    def lookup(self, key: str) -> Handle | None:
+        """The live entry stored under ``key``, or ``None``."""
+        with self._lock:
+            self._check_open()
+            i = self._keys.get(key)
+            if i is None:
+                self._counts["lookup_misses"] += 1
+                return None
+            e = self._entries[i]
+            self._counts["lookup_hits"] += 1
+            return Handle(e.id, e.nbytes, e.kind, self._id)
+
+    def where(self, handle: Handle) -> Tier:
+        """The tier the entry settles in (its destination when a move is in flight)."""
+        with self._lock:
+            e = self._entry(handle)
+            return e.move_to if e.move_to is not None else e.tier
+
+    def pin(self, handle: Handle) -> None:
+        """Keep an entry where it is until :meth:`unpin`; pins nest."""
+        with self._lock:
+            self._entry(handle).pins += 1
+
+    def unpin(self, handle: Handle) -> None:
+        with self._lock:
+            e = self._entry(handle)
+            e.pins = max(0, e.pins - 1)
+            self._enforce(e.tier)
+
+    def touch(self, handles: Iterable[Handle]) -> None:
+        """Mark entries as used now (in order), without moving them."""
+        with self._lock:
+            for h in handles:
+                e = self._entries.get(h.id) if h.store == self._id else None
+                if e is not None:
+                    self._policies[e.tier].access(e.id)
+
+    def demote(self, tier: Tier = Tier.DEVICE, nbytes: int | None = None, wait: bool = True) -> int:
+        """Move entries out of ``tier`` until ``nbytes`` left it (all unpinned ones if ``None``).
+
+        Returns the bytes scheduled to leave. With ``wait`` the call returns once they left.
+        """
+        with self._lock:
+            self._check_open()
+            before = self._used[tier] - self._leaving[tier]
+            target = 0 if nbytes is None else max(0, before - nbytes)
+            self._enforce(tier, budget=target)
+            moved = before - (self._used[tier] - self._leaving[tier])
+            self._counts["demote_calls"] += 1
+        if wait:
+            self.settle()
+        return moved
+
+    def resize(self, tier: Tier, nbytes: int | str) -> None:
+        """Change a tier's budget; a smaller budget moves entries down at once."""
+        from lightning_tiercache.config import parse_bytes
+
+        value = parse_bytes(nbytes, f"{tier.label}_bytes")
+        with self._lock:
+            self._check_open()
+            self._budget[tier] = value
+            self._enforce(tier)
+
+    def clear_cache(self) -> int:
+        """Drop every *cache* entry. Returns the bytes released."""
+        with self._lock:
+            victims = [e for e in self._entries.values() if e.kind is Kind.CACHE]
+            for e in victims:
+                self._free_locked(e, dropped=True)
+            return sum(e.nbytes for e in victims)
+
+    def settle(self, timeout_s: float | None = None) -> None:
+        """Wait until no move is in flight (moves that start meanwhile are waited for too)."""
+        if not self._inflight:  # the common case at a batch boundary; a set's truth value reads atomically
+            return
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            with self._inflight_lock:
+                pending = list(self._inflight)
+            if not pending:
+                return
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            _, not_done = cf.wait(pending, timeout=left)
+            if not_done and deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"{len(not_done)} moves still in flight after {timeout_s}s")
+
+    def stats(self, reset_peaks: bool = False) -> dict[str, Any]:
+        """A snapshot of counters: per-tier bytes/entries/budget/peak, traffic, waits and failures.
+
+        ``peak_bytes`` is the highest use since the store opened or since the last call with
+        ``reset_peaks=True``, which starts a new window at the current use (for periodic sampling).
+        """
+        with self._lock:
+            tiers = {}
+            for t in _TIERS:
+                tiers[t.label] = {
+                    "bytes": self._used[t],
+                    "entries": len(self._policies[t]),
+                    "budget": self._budget[t],
+                    "peak_bytes": self._peak[t],
+                }
+                if reset_peaks:
+                    self._peak[t] = self._used[t]
+            waits = sorted(self._waits)
+            out: dict[str, Any] = {"tiers": tiers, "entries": len(self._entries)}
+            for name in (
+                "puts", "put_bytes", "gets", "hits", "hits_in_flight", "gets_after_wait", "prefetches",
+                "waits", "evictions", "drops", "spills", "spill_bytes", "spill_file_bytes", "reads", "read_bytes",
+                "bytes_to_host", "bytes_to_device", "disk_full", "disk_errors", "corrupt", "missing",
+                "overcommits", "promotions", "move_errors", "lookup_hits", "lookup_misses", "demote_calls",
+            ):  # fmt: skip
+                out[name] = self._counts[name]
+            out["wait_s"] = self._busy_s["wait"]
+            out["wait_p50_s"] = waits[len(waits) // 2] if waits else 0.0
+            out["wait_p95_s"] = waits[min(len(waits) - 1, math.ceil(0.95 * len(waits)) - 1)] if waits else 0.0
+            out["write_s"] = self._busy_s["write"]
+            out["read_s"] = self._busy_s["read"]
+            return out
+
+    def drain_events(self) -> list[dict[str, Any]]:
+        """Notable events since the last call (first spill, disk full, corruption, ...), oldest first."""
+        with self._lock:
+            events = list(self._events)
+            self._events.clear()
+            return events
+
+    def close(self) -> None:
+        """Finish in-flight moves, release every entry and delete the spill folder. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+        try:
+            self.settle(timeout_s=60)
+        except TimeoutError:
+            log.warning("closing the store with moves still in flight")
+        with self._lock:
+            self._closed = True
+            for e in list(self._entries.values()):
+                self._free_locked(e)
+        self._io.shutdown(wait=True, cancel_futures=True)
+        self._fence.shutdown(wait=True, cancel_futures=True)
+        if self._spill is not None:
+            self._spill.close()
+        if self._pool is not None:
+            self._pool.clear()
+
+    def __enter__(self) -> TierStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def __contains__(self, handle: object) -> bool:
+        with self._lock:
+            return isinstance(handle, Handle) and handle.store == self._id and handle.id in self._entries
+
+    # ------------------------------------------------------------------ placement (lock held)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosedError("this TierStore is closed; open a new one")
+
+    def _entry(self, handle: Handle) -> _Entry:
+        self._check_open()
+        e = self._entries.get(handle.id) if isinstance(handle, Handle) and handle.store == self._id else None
+        if e is None:
+            if isinstance(handle, Handle) and handle.id in self._dropped_ids:
+                raise EntryEvictedError(f"cache entry {handle.id} was dropped under memory pressure")
+            raise EntryNotFoundError(f"no live entry for {handle!r}: freed, or from another store")
+        return e
+
+    def _top_tier(self, device: torch.device) -> Tier:
+        if device.type == self.device.type and (device.index or 0) == (self.device.index or 0):
+            return Tier.DEVICE
+        if device.type == "cpu":
+            return Tier.HOST
+        raise ValueError(f"this store serves {self.device} (and cpu); got a tensor on {device}")
+
+    def _lower(self, e: _Entry, tier: Tier) -> Tier | None:
+        for t in _TIERS[tier + 1 :]:
+            if self._budget[t] > 0 and not (t is Tier.DISK and e.no_disk):
+                return t
+        return None
+
+    def _landing(self, e: _Entry, start: Tier) -> Tier:
+        """The highest tier at or below ``start`` whose budget can hold the entry at all."""
+        for t in _TIERS[start:]:
+            if self._budget[t] >= e.nbytes and not (t is Tier.DISK and e.no_disk):
+                return t
+        return start
+
+    def _promotion_target(self, e: _Entry) -> Tier | None:
+        """The highest tier above ``e`` that can hold it, or ``None`` if none can."""
+        for t in _TIERS[e.top : e.tier]:
+            if self._budget[t] >= e.nbytes:
+                return t
+        return None
+
+    def _add(self, e: _Entry, tier: Tier) -> None:
+        self._used[tier] += e.nbytes
+        self._peak[tier] = max(self._peak[tier], self._used[tier])
+
+    def _eligible(self, tier: Tier, exclude: int | None, stuck: set[int]) -> Callable[[int], bool]:
+        def ok(i: int) -> bool:
+            e = self._entries.get(i)
+            return e is not None and e.move is None and e.pins == 0 and i != exclude and i not in stuck
+
+        return ok
+
+    def _enforce(self, tier: Tier, exclude: int | None = None, budget: int | None = None) -> None:
+        """Move victims out of ``tier`` until what stays fits ``budget`` (the tier's budget by default)."""
+        limit = self._budget[tier] if budget is None else budget
+        stuck: set[int] = set()
+        while self._used[tier] - self._leaving[tier] > limit:
+            i = self._policies[tier].victim(self._eligible(tier, exclude, stuck))
+            if i is None and exclude is not None:
+                i, exclude = exclude, None  # the new entry alone is over budget: it has to move too
+                if not self._eligible(tier, None, stuck)(i):
+                    continue
+            if i is None:
+                if stuck:  # required entries with nowhere to go; pinned or moving ones resolve later
+                    self._overcommit(tier)
+                return
+            e = self._entries[i]
+            dst = self._lower(e, tier)
+            if dst is Tier.DISK:
+                self._make_disk_room(e.nbytes)
+                if self._used[Tier.DISK] + e.nbytes > self._budget[Tier.DISK]:
+                    dst = None
+            if dst is None:
+                if e.kind is Kind.CACHE:
+                    self._free_locked(e, dropped=True)
+                else:
+                    stuck.add(i)
+                continue
+            self._counts["evictions"] += 1
+            try:
+                self._start_move(e, dst)
+            except (torch.OutOfMemoryError, RuntimeError):
+                stuck.add(i)  # could not allocate the copy's target: leave it where it is
+
+    def _make_disk_room(self, nbytes: int) -> None:
+        """Drop cache entries from disk (the bottom tier) until ``nbytes`` more fit, if possible."""
+        stuck: set[int] = set()
+        while self._used[Tier.DISK] + nbytes > self._budget[Tier.DISK]:
+            i = self._policies[Tier.DISK].victim(
+                lambda j: self._eligible(Tier.DISK, None, stuck)(j) and self._entries[j].kind is Kind.CACHE
+            )
+            if i is None:
+                return
+            self._free_locked(self._entries[i], dropped=True)
+
+    def _overcommit(self, tier: Tier) -> None:
+        self._counts["overcommits"] += 1
+        self._warn_once(
+            f"overcommit-{tier.label}",
+            f"tiercache: the {tier.label} tier is over budget ({self._used[tier]} > {self._budget[tier]} bytes) "
+            "with nothing it may move down; raise the budgets below it or the disk budget",
+        )
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
+        self._event(key.split("-")[0], message)
+
+    def _event(self, name: str, detail: str) -> None:
+        self._events.append({"time": time.time(), "event": name, "detail": detail})
+
+    def _free_locked(self, e: _Entry, dropped: bool = False) -> None:
+        if e.freed:
+            return
+        e.freed = True
+        e.dropped = dropped
+        self._entries.pop(e.id, None)
+        if e.key is not None and self._keys.get(e.key) == e.id:
+            del self._keys[e.key]
+        self._policies[e.tier].remove(e.id)
+        if dropped:
+            self._counts["drops"] += 1
+            self._dropped_ids[e.id] = None
+            if len(self._dropped_ids) > 65536:
+                self._dropped_ids.popitem(last=False)
+        if e.move is not None:
+            return  # the move's completion releases both ends
+        self._release(e, e.tier)
+
+    def _release(self, e: _Entry, tier: Tier) -> None:
+        """Give back what ``e`` holds in ``tier`` (lock held)."""
+        self._used[tier] -= e.nbytes
+        if tier is Tier.DISK and self._spill is not None:
+            self._spill.file(e.id).unlink(missing_ok=True)
+        elif tier is Tier.HOST:
+            self._give_buf(e)
+        if tier is not Tier.DISK:
+            e.data = None
+
+    def _give_buf(self, e: _Entry) -> None:
+        """Return ``e``'s pool buffer once no queued upload reads it any more (lock held)."""
+        buf, reader, e.buf, e.reader = e.buf, e.reader, None, None
+        if buf is None or self._pool is None:
+            return
+        if reader is None or reader.query():
+            self._pool.give(buf)
+        else:
+            self._submit(self._fence, self._recycle_job, buf, reader)
+
+    # ------------------------------------------------------------------ moves
+
+    def _start_move(self, e: _Entry, dst: Tier) -> None:
+        """Start moving ``e`` to ``dst`` (lock held). Synchronous where no bytes need to move."""
+        src = e.tier
+        if dst == src:
+            return
+        self._add(e, dst)
+        if src > dst:
+            self._counts["promotions"] += 1
+        if {src, dst} <= {Tier.DEVICE, Tier.HOST} and not self._link.is_cuda:
+            self._finish(e, src, dst, e.data, None, None)  # CPU: both budgets are RAM
+            return
+        e.move_to = dst
+        self._leaving[src] += e.nbytes
+        try:
+            if dst is Tier.DISK:
+                e.move = self._submit(self._io, self._write_job, e, src)
+                return
+            if src is Tier.DISK:
+                e.move = self._submit(self._io, self._read_job, e, dst)
+                return
+            data = typing.cast(torch.Tensor, e.data)
+            if dst is Tier.HOST:  # CUDA device -> pinned host
+                host, done, buf = self._link.to_host(data, e.event)
+                e.move = self._submit(self._fence, self._fence_job, e, src, dst, host, buf, done)
+                return
+            # CUDA pinned host -> device: launch now, fence lazily on the consumer's stream
+            dev, done = self._link.to_device(data)
+        except Exception:
+            # An allocation failed (device OOM, no pinned memory): nothing moved, accounting is undone.
+            self._fail(e, src, dst)
+            self._counts["move_errors"] += 1
+            raise
+        self._counts["bytes_to_device"] += e.nbytes
+        old_buf, reader, e.buf, e.reader = e.buf, e.reader, None, None
+        self._leaving[src] -= e.nbytes
+        e.move_to = None
+        self._finish(e, src, dst, dev, None, done)
+        if old_buf is not None:  # Note: [pool reuse] after this copy and any earlier upload read it
+            self._submit(self._fence, self._recycle_job, old_buf, done, reader)
+
+    def _submit(self, pool: cf.ThreadPoolExecutor, fn: Callable[..., None], *args: Any) -> cf.Future[None]:
+        """Run ``fn`` in ``pool`` and track it until it finished (for :meth:`settle`)."""
+        fut = pool.submit(fn, *args)
+        with self._inflight_lock:
+            self._inflight.add(fut)
+        fut.add_done_callback(self._untrack)  # runs at once, here, if it already finished
+        return fut
+
+    def _untrack(self, fut: cf.Future[None]) -> None:
+        with self._inflight_lock:
+            self._inflight.discard(fut)
+
+    def _finish(
+        self, e: _Entry, src: Tier, dst: Tier, data: torch.Tensor | None, buf: torch.Tensor | None, event: Any
+    ) -> None:
+        """Complete a move (lock held): the entry now lives in ``dst``."""
+        e.move = None
+        e.move_to = None
+        if e.freed:
+            self._release(e, src)
+            e.buf, e.data = buf, data
+            self._release(e, dst)
+            return
+        if src is Tier.DISK and self._spill is not None:
+            self._spill.file(e.id).unlink(missing_ok=True)
+        if src is Tier.HOST and buf is not e.buf:
+            self._give_buf(e)
+        self._used[src] -= e.nbytes
+        self._policies[src].remove(e.id)
+        e.tier = dst
+        e.data = data if dst is not Tier.DISK else None
+        e.buf = buf
+        e.event = event
+        self._policies[dst].insert(e.id)
+        self._enforce(dst)
+
+    def _fail(self, e: _Entry, src: Tier, dst: Tier) -> None:
+        """Undo a move that failed (lock held): the entry stays in ``src``."""
+        e.move = None
+        e.move_to = None
+        self._leaving[src] -= e.nbytes
+        self._used[dst] -= e.nbytes
+        if e.freed:
+            self._release(e, src)
+
+    def _ensure_spill(self) -> SpillDir:
+        if self._spill is None:
+            self._spill = SpillDir(self.config.spill_parent)
+            self._event("spill", f"first spill to disk at {self._spill.path}")
+        return self._spill
+
+    def _write_job(self, e: _Entry, src: Tier) -> None:
+        try:
+            self._write(e, src)
+        except BaseException:
+            with self._lock:
+                if e.move is not None:
+                    self._counts["disk_errors"] += 1
+                    self._fail(e, src, Tier.DISK)
+            raise
+
+    def _write(self, e: _Entry, src: Tier) -> None:
+        data = e.data
+        data = typing.cast(torch.Tensor, data)
+        if data.is_cuda:
+            host, done, buf = self._link.to_host(data, e.event)
+            self._link.wait(done)
+        else:
+            host, buf = data, None
+        try:
+            with self._lock:
+                path = self._ensure_spill().file(e.id)
+            start = time.perf_counter()
+            if self.config.codec == "auto":
+                codec, parts, aux = self._auto.encode(host)
+            else:
+                codec, parts, aux = encode_with(self.config.codec, host, self.config.zstd_level)
+            encoded = time.perf_counter()
+            written = write_parts(path, codec, host, parts, aux)
+            seconds = time.perf_counter() - start
+            self._auto.observe_disk(written, seconds - (encoded - start))
+        except OSError as err:
+            with self._lock:
+                full = isinstance(err, DiskFullError)
+                self._counts["disk_full" if full else "disk_errors"] += 1
+                e.no_disk = True
+                if full:
+                    self._budget[Tier.DISK] = min(self._budget[Tier.DISK], self._used[Tier.DISK] - e.nbytes)
+                self._fail(e, src, Tier.DISK)
+                self._warn_once(
+                    "disk_full" if full else f"disk_error-{err.errno}",
+                    f"tiercache: could not spill to disk ({err}); keeping entries in {src.label} memory "
+                    f"and lowering the disk budget",
+                )
+            return
+        finally:
+            if buf is not None and self._pool is not None:
+                self._pool.give(buf)
+        with self._lock:
+            self._counts["spills"] += 1
+            self._counts["spill_bytes"] += e.nbytes
+            self._counts["spill_file_bytes"] += written
+            self._busy_s["write"] += seconds
+            self._leaving[src] -= e.nbytes
+            self._finish(e, src, Tier.DISK, None, None, None)
+
+    def _read_job(self, e: _Entry, dst: Tier) -> None:
+        try:
+            self._read(e, dst)
+        except SpillError:
+            raise
+        except BaseException:
+            with self._lock:
+                if e.move is not None:
+                    self._fail(e, Tier.DISK, dst)
+            raise
+
+    def _read(self, e: _Entry, dst: Tier) -> None:
+        path = self._spill.file(e.id) if self._spill is not None else Path("/nonexistent")
+        start = time.perf_counter()
+        try:
+            host = read_record(path)
+        except SpillError as err:
+            with self._lock:
+                self._counts["corrupt" if isinstance(err, SpillCorruptError) else "missing"] += 1
+                self._event("corruption" if isinstance(err, SpillCorruptError) else "missing", str(err))
+                self._fail(e, Tier.DISK, dst)
+                self._free_locked(e)
+            raise
+        seconds = time.perf_counter() - start
+        event = None
+        buf = None
+        if dst is Tier.DEVICE and self._link.is_cuda:
+            host, event = self._link.to_device(host)
+        elif self._pool is not None and host.numel() and e.top is Tier.DEVICE:
+            buf = self._pool.take(e.nbytes)
+            pinned = buf[: e.nbytes].view(host.dtype).view(host.shape)
+            pinned.copy_(host)
+            host = pinned
+        with self._lock:
+            self._counts["reads"] += 1
+            self._counts["read_bytes"] += e.nbytes
+            self._busy_s["read"] += seconds
+            self._leaving[Tier.DISK] -= e.nbytes
+            self._finish(e, Tier.DISK, dst, host, buf, event)
+
+    def _read_through(self, e: _Entry) -> torch.Tensor:
+        """Read a spilled entry that no tier above can hold (pinned by the caller, lock not held)."""
+        if self._spill is None or e.tier is not Tier.DISK:
+            raise EntryNotFoundError(f"entry {e.id} has no bytes to read")
+        start = time.perf_counter()
+        try:
+            data = read_record(self._spill.file(e.id))
+        except SpillError as err:
+            with self._lock:
+                self._counts["corrupt" if isinstance(err, SpillCorruptError) else "missing"] += 1
+                self._event("corruption" if isinstance(err, SpillCorruptError) else "missing", str(err))
+                self._free_locked(e)
+            raise
+        with self._lock:
+            self._counts["gets"] += 1
+            self._counts["reads"] += 1
+            self._counts["read_bytes"] += e.nbytes
+            self._busy_s["read"] += time.perf_counter() - start
+        return data
+
+    def _fence_job(
+        self, e: _Entry, src: Tier, dst: Tier, host: torch.Tensor, buf: torch.Tensor | None, done: Any
+    ) -> None:
+        self._link.wait(done)
+        with self._lock:
+            self._counts["bytes_to_host"] += e.nbytes
+            self._leaving[src] -= e.nbytes
+            self._finish(e, src, dst, host, buf, None)
+
+    def _recycle_job(self, buf: torch.Tensor, *events: Any) -> None:
+        for event in events:
+            self._link.wait(event)
+        if self._pool is not None:
+            self._pool.give(buf)
