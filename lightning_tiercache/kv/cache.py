@@ -36,7 +36,7 @@ from transformers.cache_utils import Cache
 
 from lightning_tiercache.config import TierConfig
 from lightning_tiercache.errors import EntryNotFoundError, SpillError
-from lightning_tiercache.kv.layers import KVConfig, TieredLayer, _kv_geometry, _release, _Shared, cache_kwarg
+from lightning_tiercache.kv.layers import KVConfig, LayerShared, TieredLayer, cache_kwarg, kv_geometry, release_blocks
 from lightning_tiercache.kv.prefix import PersistDir, block_keys, model_identity, namespace, weights_fingerprint
 from lightning_tiercache.kv.quant import KVQuantizer
 from lightning_tiercache.store.placement import Handle, Kind, TierStore
@@ -49,7 +49,7 @@ COUNTERS = (
 )  # fmt: skip
 
 
-class _Pending:
+class _PromptBlocks:
     """The prompt whose blocks the next forward computes: keys per row, first block to store, layers done."""
 
     def __init__(self, keys: list[list[str]], first: int) -> None:
@@ -99,14 +99,14 @@ class TieredKVCache(Cache):
             store = TierStore(TierConfig(device=str(device) if device is not None else None))
         self.store = store
         self.counts = counts if counts is not None else collections.Counter()
-        self._shared = _Shared(store, self.config, self.counts)
-        geometry = _kv_geometry(getattr(model, "config", model)) if model is not None else None
+        self._shared = LayerShared(store, self.config, self.counts)
+        geometry = kv_geometry(getattr(model, "config", model)) if model is not None else None
         self._geometry = geometry
         layers = [TieredLayer(self._shared) for _ in range(geometry[0])] if geometry else []
         super().__init__(layers=typing.cast(Any, layers))
         self._model = model
         self._dtype = dtype or _model_dtype(model)
-        self._pending: _Pending | None = None
+        self._pending: _PromptBlocks | None = None
         self._memo: tuple[torch.Tensor, torch.Tensor | None, list[list[str]]] | None = None
         self._registered: dict[str, Handle] = {}
         self._writer: cf.ThreadPoolExecutor | None = None
@@ -116,7 +116,7 @@ class TieredKVCache(Cache):
             shape = (2, geometry[1], self.config.block_tokens, geometry[2])
             self._quant = KVQuantizer(self.config.quant, shape, self._dtype, self.config.quant_group)
         self.set_model_version(model_version)
-        self._finalizer = weakref.finalize(self, _release, store, self._shared.working, self._own_store)
+        self._finalizer = weakref.finalize(self, release_blocks, store, self._shared.working, self._own_store)
 
     # ------------------------------------------------------------------ versions and namespaces
 
@@ -297,7 +297,7 @@ class TieredKVCache(Cache):
         self.counts["hits"] += n * len(keys)
         self.counts["hit_tokens"] += n * blk * len(keys)
         self.counts["misses"] += sum(len(row) - n for row in keys)
-        self._pending = _Pending(keys, n)
+        self._pending = _PromptBlocks(keys, n)
         return n * blk
 
     def _prefill_shared(self, ids: torch.Tensor, keys: list[str], hit: list[list[Handle]]) -> bool:
@@ -319,7 +319,7 @@ class TieredKVCache(Cache):
             return False
         blk = self.config.block_tokens
         served = self._serve([hit], len(hit)) if hit else 0
-        self._pending = _Pending([keys], served)
+        self._pending = _PromptBlocks([keys], served)
         kwargs: dict[str, Any] = {cache_kwarg(model): self, "use_cache": True}
         if "logits_to_keep" in inspect.signature(model.forward).parameters:
             kwargs["logits_to_keep"] = 1  # only the K/V are wanted

@@ -28,7 +28,7 @@ from lightning_tiercache.store.placement import Handle, Kind, TierStore
 # transformers 4.5x: lazy_initialization(key_states); 5.x: lazy_initialization(key_states, value_states).
 _LAZY_INIT_TAKES_VALUES = len(inspect.signature(DynamicLayer.lazy_initialization).parameters) >= 3
 
-__all__ = ["KVConfig", "TieredLayer", "cache_kwarg"]
+__all__ = ["KVConfig", "LayerShared", "TieredLayer", "cache_kwarg", "kv_geometry", "release_blocks"]
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def cache_kwarg(model: Any) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-class _Shared:
+class LayerShared:
     """What the cache and its layers share. Layers point here, not at the cache, so no cycle keeps the cache
     (and its store entries) alive after the last user reference goes."""
 
@@ -91,7 +91,8 @@ class _Shared:
         self.resident_bytes = 0
 
 
-def _release(store: TierStore, working: set[Handle], own: bool) -> None:
+def release_blocks(store: TierStore, working: set[Handle], own: bool) -> None:
+    """Free a cache's working blocks from ``store``, or close the store if the cache made it (``own``)."""
     if own:
         store.close()
         return
@@ -106,7 +107,7 @@ def _release(store: TierStore, working: set[Handle], own: bool) -> None:
 class TieredLayer(DynamicLayer):
     """One layer's K/V: a :class:`DynamicLayer` whose blocks may live in the store (``offload``)."""
 
-    def __init__(self, shared: _Shared) -> None:
+    def __init__(self, shared: LayerShared) -> None:
         super().__init__()
         self._shared = shared
         self._length = 0
@@ -267,7 +268,7 @@ class TieredLayer(DynamicLayer):
         return None
 
 
-def _kv_geometry(config: Any) -> tuple[int, int, int] | None:
+def kv_geometry(config: Any) -> tuple[int, int, int] | None:
     """(layers, kv heads, head dim) from a transformers config, when it says."""
     try:
         text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config

@@ -175,7 +175,7 @@ class _Copy:
 
 
 @dataclasses.dataclass
-class _Pending:
+class _InFlightCopies:
     copies: dict[int, _Copy]  # by id of the source
     token: Any
 
@@ -221,7 +221,7 @@ class NextBatchCopier:
         self.peek = peek or peek_next_batch
         self._strategy: Any = None
         self._saved: tuple[bool, Any] = (False, None)
-        self._pending: dict[str, _Pending] = {}
+        self._pending: dict[str, _InFlightCopies] = {}
         self._peek_broken = False
         self._user_before_transfer = False
         self._told_unpinned = False
@@ -322,7 +322,7 @@ class NextBatchCopier:
                      "set DataLoader(pin_memory=True)")  # fmt: skip
         copies, token = self.ops.copy_async(leaves, self.device)
         entries = {id(t): _Copy(t, v, c) for t, v, c in zip(leaves, versions, copies, strict=True)}
-        self._pending[slot] = _Pending(entries, token)
+        self._pending[slot] = _InFlightCopies(entries, token)
         self._stats["copied"] += 1
 
     def _take(self, batch: Any) -> Any:

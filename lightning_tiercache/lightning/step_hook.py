@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import Metric
 
 from lightning_tiercache.errors import BatchSplitError
-from lightning_tiercache.oom.microbatch import MicroBatchRunner, StepResult, _attempt, oom_message, sync_gradients
+from lightning_tiercache.oom.microbatch import MicroBatchRunner, StepResult, attempt, oom_message, sync_gradients
 from lightning_tiercache.oom.recovery import MicroBatchPolicy, OOMConfig, RankAgreement, now
 from lightning_tiercache.oom.rollback import MetricSnapshots
 from lightning_tiercache.oom.split import merge_outputs
@@ -72,7 +72,7 @@ class _Step:
 
 
 @dataclasses.dataclass
-class _Pending:
+class _PendingGrads:
     """The step's gradients, waiting for the closure's ``backward`` call."""
 
     params: list[torch.Tensor]
@@ -132,7 +132,7 @@ class StepHook:
         self._trainer: pl.Trainer | None = None
         self._strategy: Any = None
         self._saved: dict[str, tuple[bool, Any]] = {}
-        self._pending: _Pending | None = None
+        self._pending: _PendingGrads | None = None
         self._retry: tuple[Any, ...] | None = None  # a `_Step`'s fields (Note: [fast path])
         self._stage = "train"
         self._warned: set[str] = set()
@@ -445,7 +445,7 @@ class StepHook:
             raise RuntimeError("tiercache oom: the micro-batch runner returned no gradients")
         if all(o is None for o in result.outputs):
             return None
-        self._pending = _Pending(params, result.grads, ddp, must_sync)
+        self._pending = _PendingGrads(params, result.grads, ddp, must_sync)
         return self._combine(result)
 
     def _combine(self, result: StepResult) -> Any:
@@ -556,7 +556,7 @@ class StepHook:
             # Note: [fast path] for eval: one process, one micro-batch: the step runs as is after a snapshot.
             if self.eval_policy.micro_batches == 1 and self._installed_trainer().world_size == 1:
                 saved = self._save(results)
-                out, failed = _attempt(original, *args, **kwargs)
+                out, failed = attempt(original, *args, **kwargs)
                 if failed is None:
                     self._learn(saved)
                     self.eval_policy.on_success()

@@ -43,7 +43,7 @@ from lightning_tiercache.oom.recovery import (
 )
 from lightning_tiercache.oom.split import SplitFn, batch_size_of, merge_outputs, split_batch
 
-__all__ = ["MicroBatchRunner", "StepResult", "micro_batches", "oom_message", "sync_gradients"]
+__all__ = ["MicroBatchRunner", "StepResult", "attempt", "micro_batches", "oom_message", "sync_gradients"]
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def oom_message(exc: BaseException) -> str | None:
     return f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
 
 
-def _attempt(fn: Callable[..., Any], *args: Any) -> tuple[Any, str | None]:
+def attempt(fn: Callable[..., Any], *args: Any) -> tuple[Any, str | None]:
     """Call ``fn``; return ``(result, None)``, or ``(None, message)`` if it ran out of memory."""
     try:
         return fn(*args), None
@@ -290,7 +290,7 @@ class MicroBatchRunner:
                 for i in range(k if oom is None else 0):
                     size = sizes[i] if i < len(parts) else 0
                     if i < len(parts):
-                        out, oom = _attempt(micro_step, parts[i], shares[i])
+                        out, oom = attempt(micro_step, parts[i], shares[i])
                         if oom is None:
                             outputs.append(out)
                         del out
@@ -378,7 +378,7 @@ class MicroBatchRunner:
             if failed is not None:  # the caller's attempt of this very part
                 out, oom, failed = None, failed, None
             else:
-                out, oom = _attempt(micro_step, part) if part is not None else (None, None)
+                out, oom = attempt(micro_step, part) if part is not None else (None, None)
             agreed = self._agree(oom, size, k, total, retries0)
             mismatch = agreed.mismatch and first
             if not (agreed.oom or mismatch):
