@@ -40,3 +40,30 @@ def make_store(spill_parent):
     yield make
     for s in stores:
         s.close()
+
+
+@pytest.fixture
+def sim_store(spill_parent):
+    """``sim_store(seed, max_delay_s=..., sim={...}, **config)``: a store on a fresh simulated asynchronous device.
+
+    Stores and devices are closed after the test, which then fails if the device saw a copy run after its
+    device-side tensor was released, or a worker thread that was not pointed at the device.
+    """
+    from lightning_tiercache.store.tiers.simulated import SimulatedDevice
+
+    opened: list[tuple[TierStore, SimulatedDevice]] = []
+
+    def make(seed: int = 0, max_delay_s: float = 2e-3, sim: dict | None = None, **kw) -> TierStore:
+        kw.setdefault("spill_dir", str(spill_parent))
+        dev = SimulatedDevice(seed=seed, max_delay_s=max_delay_s, **(sim or {}))
+        store = TierStore(TierConfig(**kw), device_ops=dev)
+        opened.append((store, dev))
+        return store
+
+    yield make
+    violations = []
+    for store, dev in opened:
+        store.close()
+        dev.close()
+        violations += dev.violations
+    assert violations == []

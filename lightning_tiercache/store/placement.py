@@ -1,4 +1,4 @@
-"""TierStore: one tensor store over device memory, host memory and disk, with budgets and async moves.
+"""TierStore: one tensor store over device memory, host memory and disk: placement, budgets and accounting.
 
 An entry lives in exactly one tier once its moves settle. New entries land in the highest tier allowed;
 a tier over budget asks its policy for victims and moves them one tier down (skipping tiers with a zero
@@ -6,14 +6,10 @@ budget). ``get`` brings an entry back to the top tier; ``prefetch`` starts that 
 are never dropped; *cache* entries are dropped when nothing below has room.
 
 Concurrency: one lock guards the entry table, budgets and policies, and is never held while bytes move.
-Disk reads and writes run in a small pool of named I/O threads; CUDA copies run on side streams (see
-:mod:`lightning_tiercache.store.tiers.device`). Each entry has at most one move in flight, and ``get`` waits only
-for that move.
-
-Note: [pool reuse]
-    On CUDA the host tier's bytes live in pinned pool buffers. An upload from such a buffer is queued on a
-    side stream; the buffer goes back to the pool (where the next download may overwrite it) only after
-    every upload that reads it has completed, tracked by ``_Entry.reader`` and the recycle jobs.
+The bytes are carried by the movers of :mod:`lightning_tiercache.store.moves`, one per direction, each owning
+its buffers, events and jobs, through the device seam of :mod:`lightning_tiercache.store.tiers.device` (CUDA,
+a CPU RAM budget, or the simulated asynchronous device of the tests). Each entry has at most one move in
+flight, and ``get`` waits only for that move.
 """
 
 from __future__ import annotations
@@ -25,34 +21,27 @@ import enum
 import itertools
 import logging
 import math
-import shutil
 import threading
 import time
-import typing
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 
 from lightning_tiercache.config import TierConfig
-from lightning_tiercache.errors import (
-    EntryEvictedError,
-    EntryNotFoundError,
-    SpillCorruptError,
-    SpillError,
-    StoreClosedError,
-)
-from lightning_tiercache.store.codec import AutoCodec, encode_with
+from lightning_tiercache.errors import EntryEvictedError, EntryNotFoundError, SpillError, StoreClosedError
+from lightning_tiercache.store.budgets import resolve_budgets
+from lightning_tiercache.store.codec import AutoCodec
+from lightning_tiercache.store.moves import Download, Jobs, Spill, Upload, spill_error_kind
 from lightning_tiercache.store.policy import EvictionPolicy, make_policy
 from lightning_tiercache.store.tiers import Tier
-from lightning_tiercache.store.tiers.device import DeviceLink
-from lightning_tiercache.store.tiers.disk import DiskFullError, SpillDir, read_record, write_parts
+from lightning_tiercache.store.tiers.device import DeviceEvent, DeviceOps, make_ops
+from lightning_tiercache.store.tiers.disk import DiskFullError, SpillDir
 from lightning_tiercache.store.tiers.host import PinnedPool
 
-__all__ = ["Handle", "Kind", "Tier", "TierStore", "resolve_budgets"]
+__all__ = ["Entry", "Handle", "Kind", "Tier", "TierStore"]
 
 log = logging.getLogger(__name__)
 _TIERS = (Tier.DEVICE, Tier.HOST, Tier.DISK)
@@ -77,7 +66,9 @@ class Handle:
 
 
 @dataclasses.dataclass(eq=False, slots=True)
-class _Entry:
+class Entry:
+    """One stored tensor: where it lives, its bytes there and its move in flight (guarded by the store lock)."""
+
     id: int
     kind: Kind
     key: str | None
@@ -88,9 +79,9 @@ class _Entry:
     top: Tier
     tier: Tier
     data: torch.Tensor | None = None
-    buf: torch.Tensor | None = None  # pinned pool buffer backing ``data`` in the host tier
-    reader: Any = None  # CUDA event of the last upload that reads ``buf`` (it goes back to the pool after it)
-    event: Any = None  # CUDA event after which ``data`` is valid
+    buf: torch.Tensor | None = None  # pool buffer backing ``data`` in the host tier
+    reader: DeviceEvent | None = None  # the last upload that reads ``buf`` (it goes back to the pool after it)
+    event: DeviceEvent | None = None  # after which ``data`` is valid
     move: cf.Future[None] | None = None
     move_to: Tier | None = None
     pins: int = 0
@@ -99,32 +90,13 @@ class _Entry:
     no_disk: bool = False
 
 
-def resolve_budgets(cfg: TierConfig, device: torch.device) -> dict[Tier, int]:
-    """Budgets in bytes, filling ``None`` fields from what this machine has free."""
-    avail = psutil.virtual_memory().available
-    if cfg.device_bytes is not None:
-        dev = int(cfg.device_bytes)
-    elif device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        dev = int(free * 0.5)
-    else:
-        dev = int(avail * 0.25)
-    host = int(cfg.host_bytes) if cfg.host_bytes is not None else int(avail * 0.5)
-    if cfg.disk_bytes is not None:
-        disk = int(cfg.disk_bytes)
-    else:
-        parent = cfg.spill_parent
-        while not parent.exists():
-            parent = parent.parent
-        disk = int(shutil.disk_usage(parent).free * 0.5)
-    return {Tier.DEVICE: dev, Tier.HOST: host, Tier.DISK: disk}
-
-
 class TierStore:
     """A thread-safe tiered tensor store. Use as a context manager or call :meth:`close`.
 
     Args:
         config: budgets, codec and policy; ``TierConfig()`` sizes everything from this machine.
+        device_ops: the device seam (:mod:`lightning_tiercache.store.tiers.device`); ``None`` picks it for the
+            configured device. The tests pass a ``SimulatedDevice``, whose ``device`` then replaces the config's.
 
     Example::
 
@@ -135,9 +107,11 @@ class TierStore:
             store.free(h)
     """
 
-    def __init__(self, config: TierConfig | None = None) -> None:
+    def __init__(self, config: TierConfig | None = None, *, device_ops: DeviceOps | None = None) -> None:
         self.config = config or TierConfig()
-        if self.config.device is not None:
+        if device_ops is not None:
+            self.device = device_ops.device
+        elif self.config.device is not None:
             self.device = torch.device(self.config.device)
         else:
             self.device = (
@@ -148,15 +122,17 @@ class TierStore:
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self._budget = resolve_budgets(self.config, self.device)
-        pin = self.config.pin_memory if self.config.pin_memory is not None else self.device.type == "cuda"
-        self._pool = PinnedPool(self._budget[Tier.HOST] // 4, pin=pin) if self.device.type == "cuda" else None
-        self._link = DeviceLink(self.device, self._pool)
+        self._own_ops = device_ops is None
+        self._ops = ops = device_ops if device_ops is not None else make_ops(self.device)
+        pin = self.config.pin_memory if self.config.pin_memory is not None else ops.moves_bytes
+        self._pool = (
+            PinnedPool(self._budget[Tier.HOST] // 4, pin=pin, allocate=ops.host_buffer) if ops.moves_bytes else None
+        )
         self._spill: SpillDir | None = None
-        self._auto = AutoCodec(self.config.zstd_level)
         self._lock = threading.Lock()
         self._id = next(_store_ids)
         self._ids = itertools.count(1)
-        self._entries: dict[int, _Entry] = {}
+        self._entries: dict[int, Entry] = {}
         self._keys: dict[str, int] = {}
         self._policies: dict[Tier, EvictionPolicy] = {t: make_policy(self.config.policy) for t in _TIERS}
         self._used = dict.fromkeys(_TIERS, 0)
@@ -167,11 +143,16 @@ class TierStore:
         self._waits: collections.deque[float] = collections.deque(maxlen=4096)
         self._events: collections.deque[dict[str, Any]] = collections.deque(maxlen=512)
         self._warned: set[str] = set()
-        self._io = cf.ThreadPoolExecutor(self.config.io_threads, thread_name_prefix="tiercache-io")
-        self._fence = cf.ThreadPoolExecutor(1, thread_name_prefix="tiercache-fence")
-        # Every background job not yet finished (moves, buffer recycling), so settle() costs O(jobs).
-        self._inflight: set[cf.Future[None]] = set()
-        self._inflight_lock = threading.Lock()  # taken inside self._lock or alone, never the other way round
+        self._jobs = Jobs(self.config.io_threads, ops.bind_thread)
+        args = (ops, self._pool, self._jobs, self._lock, self._landed, self._fail, self._counts)
+        self._down = Download(*args)
+        self._up = Upload(*args)
+        self._disk = Spill(
+            self._down, download=self._down, upload=self._up, ensure_dir=self._ensure_spill,
+            spill_file=self._spill_file, auto=AutoCodec(self.config.zstd_level), codec=self.config.codec,
+            zstd_level=self.config.zstd_level, busy_s=self._busy_s, disk_failed=self._disk_failed,
+            spill_lost=self._spill_lost,
+        )  # fmt: skip
         self._dropped_ids: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._closed = False
 
@@ -182,6 +163,11 @@ class TierStore:
         """Current byte budget of each tier."""
         with self._lock:
             return dict(self._budget)
+
+    @property
+    def device_ops(self) -> DeviceOps:
+        """The device seam this store moves bytes through."""
+        return self._ops
 
     @property
     def spill_path(self) -> Path | None:
@@ -213,12 +199,12 @@ class TierStore:
         kind = Kind(kind)
         top = self._top_tier(tensor.device)
         nbytes = tensor.numel() * tensor.element_size()
-        ready = self._link.mark_ready(tensor)
+        ready = self._ops.ready(tensor)
         with self._lock:
             self._check_open()
             if key is not None and key in self._keys:
                 self._free_locked(self._entries[self._keys[key]])
-            e = _Entry(
+            e = Entry(
                 next(self._ids), kind, key, nbytes, tensor.dtype, tuple(tensor.shape), tensor.device, top, top,
                 data=tensor.detach(), event=ready,
             )  # fmt: skip
@@ -260,10 +246,10 @@ class TierStore:
                         self._counts["gets"] += 1
                         self._counts["hits" if not waited else "gets_after_wait"] += 1
                         data, event = e.data, e.event
-                        if data.device != e.device:
+                        if e.tier is not e.top and self._ops.moves_bytes:
                             # Note: [pool reuse] upload now, while the entry is pinned, and keep the pool
                             # buffer out of the pool until this upload has read it.
-                            data, event = self._link.to_device(data)
+                            data, event = self._up.copy_in(data)
                             self._counts["bytes_to_device"] += e.nbytes
                             if e.buf is not None:
                                 e.reader = event
@@ -274,7 +260,11 @@ class TierStore:
                         continue
                     fut = e.move
                 if fut is None:  # nothing above has room: read it through without placing it
-                    data, event = self._read_through(e), None
+                    if self._spill is None or e.tier is not Tier.DISK:
+                        raise EntryNotFoundError(f"entry {e.id} has no bytes to read")
+                    data, event = self._disk.read_through(e), None
+                    if e.top is Tier.DEVICE and self._ops.moves_bytes:  # not in any pool
+                        data, event = self._up.copy_in(data)
                     break
                 start = time.perf_counter()
                 cf.wait([fut])
@@ -292,9 +282,7 @@ class TierStore:
                 self._counts["waits"] += 1
                 self._busy_s["wait"] += waited
                 self._waits.append(waited)
-        if data.device != e.device:  # read through from disk: not in any pool
-            data, event = self._link.to_device(data)
-        return self._link.hand_over(data, event)
+        return self._ops.hand_over(data, event)
 
     def prefetch(self, handles: Iterable[Handle]) -> None:
         """Start bringing entries back toward the top tier, in the given order. Unknown handles are skipped."""
@@ -393,19 +381,12 @@ class TierStore:
             return sum(e.nbytes for e in victims)
 
     def settle(self, timeout_s: float | None = None) -> None:
-        """Wait until no move is in flight (moves that start meanwhile are waited for too)."""
-        if not self._inflight:  # the common case at a batch boundary; a set's truth value reads atomically
-            return
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while True:
-            with self._inflight_lock:
-                pending = list(self._inflight)
-            if not pending:
-                return
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            _, not_done = cf.wait(pending, timeout=left)
-            if not_done and deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(f"{len(not_done)} moves still in flight after {timeout_s}s")
+        """Wait until no move is in flight (moves that start meanwhile are waited for too).
+
+        Raises:
+            TimeoutError: moves were still in flight after ``timeout_s``.
+        """
+        self._jobs.settle(timeout_s)
 
     def stats(self, reset_peaks: bool = False) -> dict[str, Any]:
         """A snapshot of counters: per-tier bytes/entries/budget/peak, traffic, waits and failures.
@@ -460,12 +441,13 @@ class TierStore:
             self._closed = True
             for e in list(self._entries.values()):
                 self._free_locked(e)
-        self._io.shutdown(wait=True, cancel_futures=True)
-        self._fence.shutdown(wait=True, cancel_futures=True)
+        self._jobs.shutdown()
         if self._spill is not None:
             self._spill.close()
         if self._pool is not None:
             self._pool.clear()
+        if self._own_ops:
+            self._ops.close()
 
     def __enter__(self) -> TierStore:
         return self
@@ -487,7 +469,7 @@ class TierStore:
         if self._closed:
             raise StoreClosedError("this TierStore is closed; open a new one")
 
-    def _entry(self, handle: Handle) -> _Entry:
+    def _entry(self, handle: Handle) -> Entry:
         self._check_open()
         e = self._entries.get(handle.id) if isinstance(handle, Handle) and handle.store == self._id else None
         if e is None:
@@ -503,27 +485,27 @@ class TierStore:
             return Tier.HOST
         raise ValueError(f"this store serves {self.device} (and cpu); got a tensor on {device}")
 
-    def _lower(self, e: _Entry, tier: Tier) -> Tier | None:
+    def _lower(self, e: Entry, tier: Tier) -> Tier | None:
         for t in _TIERS[tier + 1 :]:
             if self._budget[t] > 0 and not (t is Tier.DISK and e.no_disk):
                 return t
         return None
 
-    def _landing(self, e: _Entry, start: Tier) -> Tier:
+    def _landing(self, e: Entry, start: Tier) -> Tier:
         """The highest tier at or below ``start`` whose budget can hold the entry at all."""
         for t in _TIERS[start:]:
             if self._budget[t] >= e.nbytes and not (t is Tier.DISK and e.no_disk):
                 return t
         return start
 
-    def _promotion_target(self, e: _Entry) -> Tier | None:
+    def _promotion_target(self, e: Entry) -> Tier | None:
         """The highest tier above ``e`` that can hold it, or ``None`` if none can."""
         for t in _TIERS[e.top : e.tier]:
             if self._budget[t] >= e.nbytes:
                 return t
         return None
 
-    def _add(self, e: _Entry, tier: Tier) -> None:
+    def _add(self, e: Entry, tier: Tier) -> None:
         self._used[tier] += e.nbytes
         self._peak[tier] = max(self._peak[tier], self._used[tier])
 
@@ -594,7 +576,7 @@ class TierStore:
     def _event(self, name: str, detail: str) -> None:
         self._events.append({"time": time.time(), "event": name, "detail": detail})
 
-    def _free_locked(self, e: _Entry, dropped: bool = False) -> None:
+    def _free_locked(self, e: Entry, dropped: bool = False) -> None:
         if e.freed:
             return
         e.freed = True
@@ -612,7 +594,7 @@ class TierStore:
             return  # the move's completion releases both ends
         self._release(e, e.tier)
 
-    def _release(self, e: _Entry, tier: Tier) -> None:
+    def _release(self, e: Entry, tier: Tier) -> None:
         """Give back what ``e`` holds in ``tier`` (lock held)."""
         self._used[tier] -= e.nbytes
         if tier is Tier.DISK and self._spill is not None:
@@ -622,19 +604,15 @@ class TierStore:
         if tier is not Tier.DISK:
             e.data = None
 
-    def _give_buf(self, e: _Entry) -> None:
+    def _give_buf(self, e: Entry) -> None:
         """Return ``e``'s pool buffer once no queued upload reads it any more (lock held)."""
         buf, reader, e.buf, e.reader = e.buf, e.reader, None, None
-        if buf is None or self._pool is None:
-            return
-        if reader is None or reader.query():
-            self._pool.give(buf)
-        else:
-            self._submit(self._fence, self._recycle_job, buf, reader)
+        if buf is not None:
+            self._up.recycle(buf, reader)
 
-    # ------------------------------------------------------------------ moves
+    # ------------------------------------------------------------------ moves (lock held)
 
-    def _start_move(self, e: _Entry, dst: Tier) -> None:
+    def _start_move(self, e: Entry, dst: Tier) -> None:
         """Start moving ``e`` to ``dst`` (lock held). Synchronous where no bytes need to move."""
         src = e.tier
         if dst == src:
@@ -642,52 +620,36 @@ class TierStore:
         self._add(e, dst)
         if src > dst:
             self._counts["promotions"] += 1
-        if {src, dst} <= {Tier.DEVICE, Tier.HOST} and not self._link.is_cuda:
+        if {src, dst} <= {Tier.DEVICE, Tier.HOST} and not self._ops.moves_bytes:
             self._finish(e, src, dst, e.data, None, None)  # CPU: both budgets are RAM
             return
         e.move_to = dst
         self._leaving[src] += e.nbytes
         try:
             if dst is Tier.DISK:
-                e.move = self._submit(self._io, self._write_job, e, src)
-                return
-            if src is Tier.DISK:
-                e.move = self._submit(self._io, self._read_job, e, dst)
-                return
-            data = typing.cast(torch.Tensor, e.data)
-            if dst is Tier.HOST:  # CUDA device -> pinned host
-                host, done, buf = self._link.to_host(data, e.event)
-                e.move = self._submit(self._fence, self._fence_job, e, src, dst, host, buf, done)
-                return
-            # CUDA pinned host -> device: launch now, fence lazily on the consumer's stream
-            dev, done = self._link.to_device(data)
+                e.move = self._disk.write(e, src)
+            elif src is Tier.DISK:
+                e.move = self._disk.read(e, dst)
+            elif dst is Tier.HOST:
+                e.move = self._down.start(e, src, dst)
+            else:  # host -> device: launched now, fenced lazily on the consumer's stream
+                self._up.start(e, src, dst)
         except Exception:
             # An allocation failed (device OOM, no pinned memory): nothing moved, accounting is undone.
-            self._fail(e, src, dst)
+            if e.move_to is not None:
+                self._fail(e, src, dst)
             self._counts["move_errors"] += 1
             raise
-        self._counts["bytes_to_device"] += e.nbytes
-        old_buf, reader, e.buf, e.reader = e.buf, e.reader, None, None
+
+    def _landed(
+        self, e: Entry, src: Tier, dst: Tier, data: torch.Tensor | None, buf: torch.Tensor | None, event: Any
+    ) -> None:
+        """An asynchronous move finished (lock held)."""
         self._leaving[src] -= e.nbytes
-        e.move_to = None
-        self._finish(e, src, dst, dev, None, done)
-        if old_buf is not None:  # Note: [pool reuse] after this copy and any earlier upload read it
-            self._submit(self._fence, self._recycle_job, old_buf, done, reader)
-
-    def _submit(self, pool: cf.ThreadPoolExecutor, fn: Callable[..., None], *args: Any) -> cf.Future[None]:
-        """Run ``fn`` in ``pool`` and track it until it finished (for :meth:`settle`)."""
-        fut = pool.submit(fn, *args)
-        with self._inflight_lock:
-            self._inflight.add(fut)
-        fut.add_done_callback(self._untrack)  # runs at once, here, if it already finished
-        return fut
-
-    def _untrack(self, fut: cf.Future[None]) -> None:
-        with self._inflight_lock:
-            self._inflight.discard(fut)
+        self._finish(e, src, dst, data, buf, event)
 
     def _finish(
-        self, e: _Entry, src: Tier, dst: Tier, data: torch.Tensor | None, buf: torch.Tensor | None, event: Any
+        self, e: Entry, src: Tier, dst: Tier, data: torch.Tensor | None, buf: torch.Tensor | None, event: Any
     ) -> None:
         """Complete a move (lock held): the entry now lives in ``dst``."""
         e.move = None
@@ -710,7 +672,7 @@ class TierStore:
         self._policies[dst].insert(e.id)
         self._enforce(dst)
 
-    def _fail(self, e: _Entry, src: Tier, dst: Tier) -> None:
+    def _fail(self, e: Entry, src: Tier, dst: Tier) -> None:
         """Undo a move that failed (lock held): the entry stays in ``src``."""
         e.move = None
         e.move_to = None
@@ -725,132 +687,26 @@ class TierStore:
             self._event("spill", f"first spill to disk at {self._spill.path}")
         return self._spill
 
-    def _write_job(self, e: _Entry, src: Tier) -> None:
-        try:
-            self._write(e, src)
-        except BaseException:
-            with self._lock:
-                if e.move is not None:
-                    self._counts["disk_errors"] += 1
-                    self._fail(e, src, Tier.DISK)
-            raise
+    def _spill_file(self, entry_id: int) -> Path:
+        return self._spill.file(entry_id) if self._spill is not None else Path("/nonexistent")
 
-    def _write(self, e: _Entry, src: Tier) -> None:
-        data = e.data
-        data = typing.cast(torch.Tensor, data)
-        if data.is_cuda:
-            host, done, buf = self._link.to_host(data, e.event)
-            self._link.wait(done)
-        else:
-            host, buf = data, None
-        try:
-            with self._lock:
-                path = self._ensure_spill().file(e.id)
-            start = time.perf_counter()
-            if self.config.codec == "auto":
-                codec, parts, aux = self._auto.encode(host)
-            else:
-                codec, parts, aux = encode_with(self.config.codec, host, self.config.zstd_level)
-            encoded = time.perf_counter()
-            written = write_parts(path, codec, host, parts, aux)
-            seconds = time.perf_counter() - start
-            self._auto.observe_disk(written, seconds - (encoded - start))
-        except OSError as err:
-            with self._lock:
-                full = isinstance(err, DiskFullError)
-                self._counts["disk_full" if full else "disk_errors"] += 1
-                e.no_disk = True
-                if full:
-                    self._budget[Tier.DISK] = min(self._budget[Tier.DISK], self._used[Tier.DISK] - e.nbytes)
-                self._fail(e, src, Tier.DISK)
-                self._warn_once(
-                    "disk_full" if full else f"disk_error-{err.errno}",
-                    f"tiercache: could not spill to disk ({err}); keeping entries in {src.label} memory "
-                    f"and lowering the disk budget",
-                )
-            return
-        finally:
-            if buf is not None and self._pool is not None:
-                self._pool.give(buf)
-        with self._lock:
-            self._counts["spills"] += 1
-            self._counts["spill_bytes"] += e.nbytes
-            self._counts["spill_file_bytes"] += written
-            self._busy_s["write"] += seconds
-            self._leaving[src] -= e.nbytes
-            self._finish(e, src, Tier.DISK, None, None, None)
+    def _disk_failed(self, e: Entry, src: Tier, err: OSError) -> None:
+        """A spill write failed (lock held): keep the entry in ``src`` and spill less from now on."""
+        full = isinstance(err, DiskFullError)
+        self._counts["disk_full" if full else "disk_errors"] += 1
+        e.no_disk = True
+        if full:
+            self._budget[Tier.DISK] = min(self._budget[Tier.DISK], self._used[Tier.DISK] - e.nbytes)
+        self._fail(e, src, Tier.DISK)
+        self._warn_once(
+            "disk_full" if full else f"disk_error-{err.errno}",
+            f"tiercache: could not spill to disk ({err}); keeping entries in {src.label} memory "
+            f"and lowering the disk budget",
+        )
 
-    def _read_job(self, e: _Entry, dst: Tier) -> None:
-        try:
-            self._read(e, dst)
-        except SpillError:
-            raise
-        except BaseException:
-            with self._lock:
-                if e.move is not None:
-                    self._fail(e, Tier.DISK, dst)
-            raise
-
-    def _read(self, e: _Entry, dst: Tier) -> None:
-        path = self._spill.file(e.id) if self._spill is not None else Path("/nonexistent")
-        start = time.perf_counter()
-        try:
-            host = read_record(path)
-        except SpillError as err:
-            with self._lock:
-                self._counts["corrupt" if isinstance(err, SpillCorruptError) else "missing"] += 1
-                self._event("corruption" if isinstance(err, SpillCorruptError) else "missing", str(err))
-                self._fail(e, Tier.DISK, dst)
-                self._free_locked(e)
-            raise
-        seconds = time.perf_counter() - start
-        event = None
-        buf = None
-        if dst is Tier.DEVICE and self._link.is_cuda:
-            host, event = self._link.to_device(host)
-        elif self._pool is not None and host.numel() and e.top is Tier.DEVICE:
-            buf = self._pool.take(e.nbytes)
-            pinned = buf[: e.nbytes].view(host.dtype).view(host.shape)
-            pinned.copy_(host)
-            host = pinned
-        with self._lock:
-            self._counts["reads"] += 1
-            self._counts["read_bytes"] += e.nbytes
-            self._busy_s["read"] += seconds
-            self._leaving[Tier.DISK] -= e.nbytes
-            self._finish(e, Tier.DISK, dst, host, buf, event)
-
-    def _read_through(self, e: _Entry) -> torch.Tensor:
-        """Read a spilled entry that no tier above can hold (pinned by the caller, lock not held)."""
-        if self._spill is None or e.tier is not Tier.DISK:
-            raise EntryNotFoundError(f"entry {e.id} has no bytes to read")
-        start = time.perf_counter()
-        try:
-            data = read_record(self._spill.file(e.id))
-        except SpillError as err:
-            with self._lock:
-                self._counts["corrupt" if isinstance(err, SpillCorruptError) else "missing"] += 1
-                self._event("corruption" if isinstance(err, SpillCorruptError) else "missing", str(err))
-                self._free_locked(e)
-            raise
-        with self._lock:
-            self._counts["gets"] += 1
-            self._counts["reads"] += 1
-            self._counts["read_bytes"] += e.nbytes
-            self._busy_s["read"] += time.perf_counter() - start
-        return data
-
-    def _fence_job(
-        self, e: _Entry, src: Tier, dst: Tier, host: torch.Tensor, buf: torch.Tensor | None, done: Any
-    ) -> None:
-        self._link.wait(done)
-        with self._lock:
-            self._counts["bytes_to_host"] += e.nbytes
-            self._leaving[src] -= e.nbytes
-            self._finish(e, src, dst, host, buf, None)
-
-    def _recycle_job(self, buf: torch.Tensor, *events: Any) -> None:
-        for event in events:
-            self._link.wait(event)
-        if self._pool is not None:
-            self._pool.give(buf)
+    def _spill_lost(self, e: Entry, dst: Tier | None, err: SpillError) -> None:
+        """A spill record was missing or corrupt (lock held): the entry is gone."""
+        kind = spill_error_kind(err)
+        self._counts[kind] += 1
+        self._event("corruption" if kind == "corrupt" else "missing", str(err))
+        self._free_locked(e)

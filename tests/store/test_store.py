@@ -276,7 +276,7 @@ def test_disk_full_keeps_the_entry_a_tier_up_and_warns_once(make_store, monkeypa
     def full(*args, **kwargs):
         raise disk_mod.DiskFullError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("lightning_tiercache.store.placement.write_parts", full)
+    monkeypatch.setattr("lightning_tiercache.store.moves.write_parts", full)
     store = make_store(device_bytes=0, host_bytes="1MiB", disk_bytes="1GiB")
     values = [torch.randn(1024) for _ in range(3)]
     with pytest.warns(RuntimeWarning, match="could not spill") as record:
@@ -453,21 +453,16 @@ def test_peak_bytes_cover_a_window_when_reset(make_store):
     assert store.stats()["tiers"]["device"]["peak_bytes"] == 1024
 
 
-def test_a_copy_that_cannot_allocate_leaves_accounting_as_it_was(make_store, monkeypatch):
-    store = make_store(device_bytes="1MiB", host_bytes="1MiB", disk_bytes=0)
+def test_a_copy_that_cannot_allocate_leaves_accounting_as_it_was(sim_store):
+    store = sim_store(device_bytes="1MiB", host_bytes="1MiB", disk_bytes=0, sim={"capacity_bytes": 0})
     t = torch.randn(1024)
     h = store.put(t, tier=Tier.HOST)
-
-    def no_memory(data):
-        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-
-    monkeypatch.setattr(store._link, "is_cuda", True)  # take the CUDA upload branch
-    monkeypatch.setattr(store._link, "to_device", no_memory)
+    store.settle()
     store.prefetch([h])  # best effort: the failure is absorbed
     with pytest.raises(torch.OutOfMemoryError, match="simulated"):
         store.get(h)  # a get that cannot allocate reports it
     tiers = store.stats()["tiers"]
     assert (tiers["device"]["bytes"], tiers["host"]["bytes"]) == (0, 4096)
     assert store.stats()["move_errors"] == 2
-    monkeypatch.undo()
+    store.device_ops.capacity_bytes = None
     assert torch.equal(store.get(h), t)

@@ -6,10 +6,11 @@ import bisect
 import logging
 import threading
 import weakref
+from collections.abc import Callable
 
 import torch
 
-__all__ = ["PinnedPool"]
+__all__ = ["PinnedPool", "pinned_empty"]
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +22,7 @@ def _unregister(ptr: int) -> None:
         log.debug("cudaHostUnregister(%#x) failed", ptr)
 
 
-def _pinned_empty(nbytes: int) -> torch.Tensor:
+def pinned_empty(nbytes: int) -> torch.Tensor:
     """``nbytes`` of page-locked memory, exactly.
 
     ``torch.empty(..., pin_memory=True)`` goes through PyTorch's caching host allocator, which rounds each
@@ -41,17 +42,34 @@ def _pinned_empty(nbytes: int) -> torch.Tensor:
     return buf
 
 
+def _host_buffer(nbytes: int, pin: bool) -> torch.Tensor:
+    return pinned_empty(nbytes) if pin else torch.empty(nbytes, dtype=torch.uint8)
+
+
 class PinnedPool:
     """Reuses pinned ``uint8`` buffers. A request takes the smallest cached buffer that is at least its size
     and at most ``slack`` times it; otherwise it allocates exactly what was asked (no power-of-two rounding).
     Cached (idle) bytes are kept under ``max_idle_bytes``, smallest buffers released first. Pinned buffers
     are registered with ``cudaHostRegister`` (exact sizes), falling back to PyTorch's pinned allocator.
+
+    Args:
+        max_idle_bytes: most bytes kept idle for reuse.
+        slack: a cached buffer up to this many times a request's size may serve it.
+        pin: page-locked buffers (else pageable ones: the bookkeeping alone).
+        allocate: ``allocate(nbytes, pin)`` makes a fresh buffer (the device seam's ``host_buffer``).
     """
 
-    def __init__(self, max_idle_bytes: int, slack: float = 1.25, pin: bool = True) -> None:
+    def __init__(
+        self,
+        max_idle_bytes: int,
+        slack: float = 1.25,
+        pin: bool = True,
+        allocate: Callable[[int, bool], torch.Tensor] | None = None,
+    ) -> None:
         self.max_idle_bytes = max_idle_bytes
         self._slack = slack
         self._pin = pin
+        self._allocate = allocate or _host_buffer
         self._lock = threading.Lock()
         self._sizes: list[int] = []  # sorted sizes of idle buffers (with repeats)
         self._idle: dict[int, list[torch.Tensor]] = {}
@@ -69,7 +87,7 @@ class PinnedPool:
                 self.reused += 1
                 return self._idle[size].pop()
             self.allocated += 1
-        return _pinned_empty(max(nbytes, 1)) if self._pin else torch.empty(max(nbytes, 1), dtype=torch.uint8)
+        return self._allocate(max(nbytes, 1), self._pin)
 
     def give(self, buf: torch.Tensor) -> None:
         """Return a buffer from :meth:`take`. Callers must have finished every copy that reads it."""

@@ -1,0 +1,99 @@
+"""The store's asynchronous mover on the simulated device: copies land later, after random delays.
+
+Every test here runs the CUDA state machine (pool buffers, events, fences, hand-over) on CPU; a missing fence
+shows up as a wrong value (fresh memory holds poison bytes) or as a recorded violation.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from lightning_tiercache import Kind, Tier, TierStore
+from lightning_tiercache.store.tiers.simulated import POISON, SimulatedDevice
+
+SEEDS = range(12)
+
+
+def _sim(store: TierStore) -> SimulatedDevice:
+    ops = store.device_ops
+    assert isinstance(ops, SimulatedDevice)
+    return ops
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("tier", [Tier.DEVICE, Tier.HOST, Tier.DISK])
+def test_round_trip_through_each_tier_with_delayed_copies(sim_store, seed, tier):
+    store = sim_store(seed, device_bytes="1MiB", host_bytes="1MiB", disk_bytes="16MiB")
+    t = torch.randn(64, 33)
+    h = store.put(t, tier=tier)
+    out = store.get(h)  # possibly while the move down is still queued
+    assert torch.equal(out, t)
+    store.settle()
+    assert store.where(h) is tier or tier is Tier.DEVICE
+    assert torch.equal(store.get(h), t)
+
+
+def test_a_download_lands_only_after_its_copy(sim_store):
+    store = sim_store(0, max_delay_s=0.05, device_bytes="1MiB", host_bytes="1MiB", disk_bytes=0)
+    t = torch.randn(256)
+    h = store.put(t, tier=Tier.HOST)
+    assert store.stats()["tiers"]["device"]["bytes"] == t.nbytes  # still counted where its bytes are
+    store.settle()
+    assert store.stats()["tiers"]["host"]["bytes"] == t.nbytes
+    assert _sim(store).counts["downloads"] == 1
+    assert torch.equal(store.get(h), t)
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_pool_buffer_is_not_reused_while_an_upload_reads_it(sim_store, seed):
+    """Note: [pool reuse] -- a prefetch queues an upload from the entry's pool buffer and lands it at once.
+
+    The next download takes a buffer from the pool; had the prefetched entry's buffer gone back before its
+    upload read it, that download would overwrite the bytes the upload is about to copy.
+    """
+    store = sim_store(seed, max_delay_s=4e-3, device_bytes="64KiB", host_bytes="1MiB", disk_bytes=0)
+    a = torch.randn(1024)
+    h = store.put(a, tier=Tier.HOST)
+    store.settle()
+    store.prefetch([h])  # device tier has room: the entry lands there, its upload still queued
+    h2 = store.put(torch.full_like(a, 7.0), tier=Tier.HOST)
+    assert torch.equal(store.get(h), a)
+    assert torch.equal(store.get(h2), torch.full_like(a, 7.0))
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_traffic_returns_exact_values(sim_store, seed):
+    rng = random.Random(seed)
+    store = sim_store(seed, device_bytes="24KiB", host_bytes="48KiB", disk_bytes="1MiB", codec="none")
+    live: dict[int, tuple[object, torch.Tensor]] = {}
+    for step in range(120):
+        op = rng.random()
+        if op < 0.45 or not live:
+            t = torch.randn(rng.randint(1, 2048))
+            h = store.put(t, kind=Kind.REQUIRED, tier=rng.choice([None, Tier.HOST, Tier.DISK]))
+            live[step] = (h, t)
+        elif op < 0.75:
+            h, t = live[rng.choice(list(live))]
+            assert torch.equal(store.get(h), t)  # type: ignore[arg-type]
+        elif op < 0.85:
+            store.prefetch([h for h, _ in rng.sample(list(live.values()), min(3, len(live)))])  # type: ignore[misc]
+        else:
+            h, _ = live.pop(rng.choice(list(live)))
+            store.free(h)  # type: ignore[arg-type]
+    for h, t in live.values():
+        assert torch.equal(store.get(h), t)  # type: ignore[arg-type]
+    store.settle()
+    tiers = store.stats()["tiers"]
+    assert tiers["device"]["bytes"] <= 24 * 1024 + 8192 and tiers["host"]["bytes"] <= 48 * 1024 + 8192
+
+
+def test_fresh_simulated_memory_holds_poison():
+    dev = SimulatedDevice()
+    try:
+        assert int(dev.alloc((8,), torch.uint8)[0]) == POISON
+        assert int(dev.host_buffer(8, pin=True)[0]) == POISON
+    finally:
+        dev.close()
