@@ -17,7 +17,15 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["ByteTokenizer", "CausalLM", "CorpusDataModule", "corpus", "default_loggers", "summary_lines"]
+__all__ = [
+    "ByteTokenizer",
+    "CausalLM",
+    "CorpusDataModule",
+    "corpus",
+    "default_loggers",
+    "render_png",
+    "summary_lines",
+]
 
 _OFFSET = 3
 
@@ -259,33 +267,30 @@ def default_loggers(save_dir: str | Path, name: str) -> list[dict[str, Any]]:
 
 
 def summary_lines(trainer: L.Trainer) -> list[str]:
-    """A short report: the tiercache values last logged and where to look at the run."""
+    """The callback's run-end summary, the run's own final metrics and where its logs are."""
     from lightning_tiercache import TierCacheCallback
 
-    lines = []
     try:
-        last = TierCacheCallback.get(trainer).last_metrics
+        lines = TierCacheCallback.get(trainer).summary().lines()
     except LookupError:
-        last = {}
-    pick = (
-        ("device tier peak", "tiercache/device/peak_bytes", "MiB"),
-        ("host tier peak", "tiercache/host/peak_bytes", "MiB"),
-        ("disk tier peak", "tiercache/disk/peak_bytes", "MiB"),
-        ("spills to disk", "tiercache/spills", ""),
-        ("store hit rate", "tiercache/hit_rate", ""),
-        ("gets that waited", "tiercache/prefetch/wait_share", ""),
-        ("activation bytes offloaded", "tiercache/activations/offloaded_bytes", "MiB"),
-        ("OOM retries", "tiercache/oom/retries", ""),
-        ("KV prefix hit rate", "tiercache/kv/hit_rate", ""),
-        ("KV prompt tokens reused", "tiercache/kv/hit_tokens", ""),
-    )
-    for label, key, unit in pick:
-        if key in last:
-            value = last[key] / 2**20 if unit == "MiB" else last[key]
-            lines.append(f"  {label:<28} {value:,.3g} {unit}".rstrip())
-    for name, value in sorted(trainer.callback_metrics.items()):
-        lines.append(f"  {name:<28} {float(value):.4g}")
+        lines = ["(no TierCacheCallback in this run)"]
+    lines += [f"  {name:<28} {float(value):,.4g}" for name, value in sorted(trainer.callback_metrics.items())]
     for logger in trainer.loggers:
         where = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
-        lines.append(f"  {type(logger).__name__:<28} {where}")
+        lines.append(f"  {type(logger).__name__ + ' logs':<28} {where}")
     return lines
+
+
+def render_png(trainer: L.Trainer) -> str:
+    """Render the CSV log of the run to a PNG and say where it is (or why there is none)."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_tiercache.report import render
+
+    for logger in trainer.loggers:
+        if isinstance(logger, CSVLogger):
+            try:
+                return f"  {'PNG report':<28} {render(logger.log_dir)}"
+            except (ImportError, ValueError) as err:
+                return f"  (no PNG: {err})"
+    return "  (no PNG: the run has no CSVLogger)"

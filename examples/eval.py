@@ -2,7 +2,8 @@
 
 Every prompt starts with the same few-shot prefix; ``TierCacheCallback(kv_cache=True)`` makes the model's
 ``generate`` use a ``TieredKVCache`` that stores the prefix's K/V blocks once and reuses them for every
-later prompt. Ends with a short report (token accuracy, tokens/s, prefix hit rate)::
+later prompt. Every callback argument is a ``--tiercache.<argument>`` flag. Ends with the callback's summary
+(prefix reuse, tier peaks), the token accuracy and tokens/s::
 
     python examples/eval.py --config configs/eval.yaml
     python examples/eval.py --config configs/eval.yaml --ckpt_path runs/finetune/version_0/checkpoints/last.ckpt
@@ -15,12 +16,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import CausalLM, CorpusDataModule, default_loggers, summary_lines
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from _common import CausalLM, CorpusDataModule, default_loggers, render_png, summary_lines
+from lightning.pytorch.cli import LightningArgumentParser
+
+from lightning_tiercache.lightning.cli import TierCacheCLI
 
 
-class _EvalCLI(LightningCLI):
+class _EvalCLI(TierCacheCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        super().add_arguments_to_parser(parser)
         parser.add_argument("--ckpt_path", type=str | None, default=None, help="weights to evaluate (a .ckpt)")
 
 
@@ -39,8 +43,9 @@ def main(args: list[str] | None = None) -> dict[str, float]:
     model = cli.model
     print("\neval report")
     if model.gen_seconds:
-        print(f"  {'generated tokens/s':<28} {model.gen_tokens / model.gen_seconds:,.0f}")
+        print(f"  {'generated tokens/s':<28} {model.gen_tokens / model.gen_seconds:,.0f} (after the first batch)")
     print("\n".join(summary_lines(cli.trainer)))
+    print(render_png(cli.trainer))
     return {k: float(v) for k, v in (results[0] if results else {}).items()}
 
 

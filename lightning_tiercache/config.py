@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import tempfile
 from pathlib import Path
 
-__all__ = ["CODECS", "POLICIES", "TierConfig", "parse_bytes"]
+__all__ = ["CODECS", "POLICIES", "TierConfig", "format_bytes", "parse_bytes"]
 
 #: Codec names accepted by :class:`TierConfig`. ``auto`` picks per tensor by measured speed.
 CODECS = ("auto", "none", "zstd", "byteplane")
@@ -31,7 +32,9 @@ _UNITS = {
     "gib": 1024**3,
     "tib": 1024**4,
 }
-_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
+# The sign is part of the number, so "-1GiB" is reported as negative rather than as not a size.
+_SIZE_RE = re.compile(r"^\s*([-+]?[0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
+_BINARY = (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024))
 
 
 def parse_bytes(value: int | float | str, field: str = "size") -> int:
@@ -57,6 +60,16 @@ def parse_bytes(value: int | float | str, field: str = "size") -> int:
     if number < 0 or number != number:
         raise ValueError(f"{field}={value!r} must be >= 0 bytes")
     return int(number)
+
+
+def format_bytes(n: float) -> str:
+    """A size for people: ``"1.75 GiB"``, ``"640 KiB"``, ``"512 B"`` (three significant digits)."""
+    sign, n = ("-" if n < 0 else ""), abs(float(n))
+    for unit, size in _BINARY:
+        if n >= size:
+            value = n / size
+            return f"{sign}{value:,.{max(0, 2 - int(math.log10(value)))}f} {unit}"
+    return f"{sign}{n:,.0f} B"
 
 
 def _check_writable(path: Path) -> None:

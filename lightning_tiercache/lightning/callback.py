@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
-from typing import Any
+import re
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Literal
 
 import lightning.pytorch as pl
+import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lightning_tiercache.config import TierConfig, parse_bytes
 from lightning_tiercache.lightning.batch_copy import NextBatchCopier
 from lightning_tiercache.lightning.runtime import TierRuntime, kv_config, oom_config
+from lightning_tiercache.lightning.summary import RunSummary
 from lightning_tiercache.lightning.telemetry import Telemetry
 from lightning_tiercache.store.events import gather_events
 from lightning_tiercache.store.placement import TierStore
+
+if TYPE_CHECKING:
+    from lightning_tiercache.activations.offloader import ActivationOffloader
+    from lightning_tiercache.kv.generate import GenerateHook
+    from lightning_tiercache.lightning.step_hook import StepHook
 
 __all__ = ["TierCacheCallback"]
 
@@ -30,66 +39,89 @@ class TierCacheCallback(Callback):
     from ``setup`` to ``teardown``. During ``fit`` saved activations go to the store; in every stage an OOM
     strategy hook splits and retries a step that ran out of memory; in eval stages a
     :class:`~lightning_tiercache.TieredKVCache` serves repeated prompt prefixes, and HF models inside the
-    module use it in ``generate``. The module reaches the cache as
-    ``TierCacheCallback.get(self.trainer).kv_cache``. Teardown and exceptions release everything and delete
-    the spill files. With no arguments it sizes the tiers from what this machine has free.
+    module use it in ``generate``. Teardown and exceptions release everything and delete the spill files.
+    With no arguments it sizes the tiers from what this machine has free.
+
+    The arguments are flat keywords (one ``--tiercache.<argument>`` each under LightningCLI, see
+    :class:`~lightning_tiercache.lightning.cli.TierCacheCLI`), in groups: store, activations, OOM, KV,
+    telemetry and the batch copy.
 
     Args:
-        device_bytes: device-tier budget (``"8GiB"`` or bytes); ``None``: half of the free CUDA memory, or a
-            quarter of available RAM on a CPU-only machine.
-        host_bytes: host-tier budget; ``None``: half of available RAM.
-        disk_bytes: disk-tier budget; ``0`` turns spilling off; ``None``: half of the free disk.
-        spill_dir: parent of each rank's private spill folder; ``None``: the system temp dir.
-        codec: spill codec, one of :data:`lightning_tiercache.config.CODECS` (all lossless).
-        policy: eviction policy name (``lru``, ``lfu``, ``s3fifo`` or a registered one).
-        io_threads: disk I/O threads per rank.
-        offload_activations: offload saved activations to the store during ``fit``.
-        min_offload_bytes: activations smaller than this stay where they are.
-        offload_keep_tail_bytes: bytes at the end of the forward kept resident (``None``: from measurement).
-        offload_idle_probe_every: once a forward had nothing to offload, forwards of batches no larger skip the
-            saved-tensor hooks except one in this many; ``0`` keeps them on (models whose saved sizes depend on
-            the data, not the input shapes).
-        oom_recovery: split and retry steps that run out of memory (train, validate, test, predict).
-        oom_initial_micro_batches: micro-batches per step before any OOM.
-        oom_max_micro_batches: most micro-batches a batch is split into.
-        oom_grow_back_after_steps: good steps after which half as many micro-batches are tried (0: never).
-        oom_loss_reduction: ``"mean"`` or ``"sum"``: how the step's loss is reduced over samples.
-        oom_split_eval: also split and retry validation, test and predict steps.
-        split_fn: ``split_fn(batch, n)`` for batch types the built-in rules do not split.
-        merge_fn: ``merge_fn(outputs, sizes)`` for eval outputs the built-in rules do not merge.
-        kv_cache: HF models in the module use a tiered KV cache with prefix reuse in ``generate``.
-        kv_block_tokens: tokens per prefix block (the unit of reuse).
-        kv_offload: also tier the K/V working set (device holds ``kv_device_layers`` layers).
-        kv_device_layers: layers assembled on the device when ``kv_offload`` is on.
-        kv_persist_dir: folder where prefix blocks survive process restarts (``None``: off).
-        kv_quant: codec of stored prefix blocks: ``none`` (exact), ``int8`` or ``int4`` (lossy).
-        kv_model_version: names the weights in block keys; ``None``: a fingerprint of the weights, plus the
-            global step during ``fit``.
-        log_every_n_steps: log telemetry every this many steps; ``None``: the Trainer's ``log_every_n_steps``.
-        progress_bar: show a short summary (``tc_hit``, ``tc_dev``, ``tc_mb``) on the progress bar.
-        wandb_extras: with a ``WandbLogger``, define metric summaries and log the ``tiercache/events`` table.
-        copy_next_batch: on CUDA, copy the next batch to the device on a side stream while this one computes
-            (overlaps only from pinned memory: ``DataLoader(pin_memory=True)``); nothing on other devices.
+        device_bytes: **store** -- device-tier budget (``"8GiB"`` or bytes); ``None``: half of the free CUDA
+            memory, or a quarter of available RAM on a CPU-only machine.
+        host_bytes: **store** -- host-tier budget; ``None``: half of available RAM.
+        disk_bytes: **store** -- disk-tier budget; ``0`` turns spilling off; ``None``: half of the free disk.
+        spill_dir: **store** -- parent of each rank's private spill folder; ``None``: the system temp dir.
+        codec: **store** -- spill codec, one of ``auto``, ``none``, ``zstd``, ``byteplane`` (all lossless).
+        policy: **store** -- eviction policy: ``lru``, ``lfu``, ``s3fifo`` or a registered name.
+        io_threads: **store** -- disk I/O threads per rank.
+        offload_activations: **activations** -- offload saved activations to the store during ``fit``.
+        min_offload_bytes: **activations** -- activations smaller than this stay where they are.
+        offload_keep_tail_bytes: **activations** -- bytes at the end of the forward kept resident (``None``:
+            from measurement).
+        offload_idle_probe_every: **activations** -- once a forward had nothing to offload, forwards of batches
+            no larger skip the saved-tensor hooks except one in this many; ``0`` keeps them on (models whose
+            saved sizes depend on the data, not the input shapes).
+        oom_recovery: **OOM** -- split and retry steps that run out of memory (train, validate, test, predict).
+        oom_initial_micro_batches: **OOM** -- micro-batches per step before any OOM.
+        oom_max_micro_batches: **OOM** -- most micro-batches a batch is split into.
+        oom_grow_back_after_steps: **OOM** -- good steps after which half as many micro-batches are tried
+            (``0``: never).
+        oom_loss_reduction: **OOM** -- ``mean`` or ``sum``: how the step's loss is reduced over samples.
+        oom_split_eval: **OOM** -- also split and retry validation, test and predict steps.
+        split_fn: **OOM** -- ``split_fn(batch, n)`` for batch types the built-in rules do not split.
+        merge_fn: **OOM** -- ``merge_fn(outputs, sizes)`` for eval outputs the built-in rules do not merge.
+        kv_cache: **KV** -- HF models in the module use a tiered KV cache with prefix reuse in ``generate``.
+        kv_block_tokens: **KV** -- tokens per prefix block (the unit of reuse).
+        kv_offload: **KV** -- also tier the K/V working set (device holds ``kv_device_layers`` layers).
+        kv_device_layers: **KV** -- layers assembled on the device when ``kv_offload`` is on.
+        kv_persist_dir: **KV** -- folder where prefix blocks survive process restarts (``None``: off).
+        kv_quant: **KV** -- codec of stored prefix blocks: ``none`` (exact), ``int8`` or ``int4`` (lossy).
+        kv_model_version: **KV** -- names the weights in block keys; ``None``: a fingerprint of the weights,
+            plus the global step during ``fit``.
+        log_metrics: **telemetry** -- hand the ``tiercache/*`` values to the Trainer's loggers; ``False``: no
+            key reaches any logger (and nothing is sampled; :meth:`stats` and :meth:`summary` still work).
+        log_every_n_steps: **telemetry** -- log every this many steps; ``None``: the Trainer's
+            ``log_every_n_steps`` (its ``0``: only at the end of each stage).
+        progress_bar: **telemetry** -- show ``tc_hit_rate`` (store gets served without waiting),
+            ``tc_device_use`` (device-tier peak / budget) and ``tc_micro_batches`` (micro-batches per batch,
+            1 = no split) on the progress bar; ``False`` leaves the bar untouched.
+        wandb_extras: **telemetry** -- with a ``WandbLogger``, define metric summaries and log the
+            ``tiercache/events`` table.
+        copy_next_batch: **batch copy** -- on CUDA, copy the next batch to the device on a side stream while
+            this one computes (overlaps only from pinned memory: ``DataLoader(pin_memory=True)``); nothing on
+            other devices.
 
     Raises:
-        ValueError: a size, name or count is invalid (the message names the argument and the valid values).
+        ValueError: a size, name or count is invalid (the message names the argument, the value and the valid
+            values).
 
     Example::
 
         trainer = L.Trainer(callbacks=[TierCacheCallback(host_bytes="16GiB")], logger=WandbLogger())
         trainer.fit(model, datamodule)
+        print(TierCacheCallback.get(trainer).summary())  # what was offloaded, OOM recoveries, prefix reuse
 
-    Logged keys (every ``log_every_n_steps`` batches and at the end of each stage, through ``trainer.loggers``,
-    reduced across ranks; :data:`lightning_tiercache.lightning.telemetry.METRICS` is the full table with units and
+    Reading the counters (from a LightningModule: ``cb = TierCacheCallback.get(self.trainer)``):
+    :meth:`stats` returns every part's counters (``store``, ``activations``, ``oom``, ``kv``, ``batch_copy``),
+    live during a stage and the final ones after it; :meth:`summary` turns them into a
+    :class:`~lightning_tiercache.lightning.summary.RunSummary`. The live parts are :attr:`store`,
+    :attr:`offloader`, :attr:`step_hook`, :attr:`kv_generate` and :attr:`copier` (``None`` outside a stage
+    or when off).
+
+    Logged keys (every ``log_every_n_steps`` batches that step the optimizer, and at the end of each stage
+    when batches were not logged yet, at the last batch's step; through ``trainer.loggers``, reduced across
+    ranks; :data:`lightning_tiercache.lightning.telemetry.METRICS` is the full table with units and
     reductions): ``tiercache/{device,host,disk}/{bytes,entries,budget_use,peak_bytes}``, ``tiercache/hit_rate``,
     ``tiercache/prefetch/{wait_share,wait_p50_s,wait_p95_s,wait_s}``,
-    ``tiercache/bandwidth/{to_device,to_host,to_disk,from_disk}_bytes_per_s``, ``tiercache/spills``,
-    ``tiercache/evictions``, ``tiercache/drops``, ``tiercache/disk_errors_recovered``, ``tiercache/ranks``,
-    ``tiercache/host_ram/{rss_bytes,available_bytes}``,
+    ``tiercache/bandwidth/{to_device,to_host,to_disk,from_disk}_bytes_per_s``, ``tiercache/puts``,
+    ``tiercache/gets``, ``tiercache/spills``, ``tiercache/evictions``, ``tiercache/drops``,
+    ``tiercache/disk_errors_recovered``, ``tiercache/ranks``, ``tiercache/host_ram/{rss_bytes,available_bytes}``,
     ``tiercache/device_memory/{allocated_bytes,reserved_bytes,alloc_retries}`` (CUDA),
     ``tiercache/activations/{offloaded_bytes,unpack_wait_share,unpack_wait_s,prefetch_lead}`` (fit),
     ``tiercache/oom/{retries,micro_batches}``, ``tiercache/kv/{hit_rate,hit_tokens,blocks,evictions}`` (eval),
-    and with W&B the ``tiercache/events`` table.
+    and with W&B the ``tiercache/events`` table. ``peak_bytes`` and ``budget_use`` are per logging window;
+    the peaks since the stage began are in :meth:`stats` and :meth:`summary`.
     """
 
     # Note: [unused step hooks] Lightning calls every hook of every callback, each inside a profiler context
@@ -109,7 +141,7 @@ class TierCacheCallback(Callback):
         host_bytes: int | str | None = None,
         disk_bytes: int | str | None = None,
         spill_dir: str | None = None,
-        codec: str = "auto",
+        codec: Literal["auto", "none", "zstd", "byteplane"] = "auto",
         policy: str = "lru",
         io_threads: int = 2,
         offload_activations: bool = True,
@@ -120,7 +152,7 @@ class TierCacheCallback(Callback):
         oom_initial_micro_batches: int = 1,
         oom_max_micro_batches: int = 1024,
         oom_grow_back_after_steps: int = 100,
-        oom_loss_reduction: str = "mean",
+        oom_loss_reduction: Literal["mean", "sum"] = "mean",
         oom_split_eval: bool = True,
         split_fn: Callable[[Any, int], list[Any]] | None = None,
         merge_fn: Callable[[list[Any], list[int]], Any] | None = None,
@@ -129,8 +161,9 @@ class TierCacheCallback(Callback):
         kv_offload: bool = False,
         kv_device_layers: int = 1,
         kv_persist_dir: str | None = None,
-        kv_quant: str = "none",
+        kv_quant: Literal["none", "int8", "int4"] = "none",
         kv_model_version: str | None = None,
+        log_metrics: bool = True,
         log_every_n_steps: int | None = None,
         progress_bar: bool = True,
         wandb_extras: bool = True,
@@ -147,15 +180,17 @@ class TierCacheCallback(Callback):
         }
         if offload_keep_tail_bytes is not None:
             offload["keep_tail_bytes"] = parse_bytes(offload_keep_tail_bytes, "offload_keep_tail_bytes")
-        oom = oom_config(
-            enabled=oom_recovery, initial_micro_batches=oom_initial_micro_batches,
-            max_micro_batches=oom_max_micro_batches, grow_back_after_steps=oom_grow_back_after_steps,
-            loss_reduction=oom_loss_reduction, split_eval=oom_split_eval, split_fn=split_fn, merge_fn=merge_fn,
-        )  # fmt: skip
-        kv = kv_config(
-            kv_cache, block_tokens=kv_block_tokens, offload=kv_offload, device_layers=kv_device_layers,
-            persist_dir=kv_persist_dir, quant=kv_quant,
-        )  # fmt: skip
+        with _named_as_arguments(_OOM_ARGUMENTS):
+            oom = oom_config(
+                enabled=oom_recovery, initial_micro_batches=oom_initial_micro_batches,
+                max_micro_batches=oom_max_micro_batches, grow_back_after_steps=oom_grow_back_after_steps,
+                loss_reduction=oom_loss_reduction, split_eval=oom_split_eval, split_fn=split_fn, merge_fn=merge_fn,
+            )  # fmt: skip
+        with _named_as_arguments(_KV_ARGUMENTS):
+            kv = kv_config(
+                kv_cache, block_tokens=kv_block_tokens, offload=kv_offload, device_layers=kv_device_layers,
+                persist_dir=kv_persist_dir, quant=kv_quant,
+            )  # fmt: skip
         if log_every_n_steps is not None and (
             isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1
         ):
@@ -163,12 +198,14 @@ class TierCacheCallback(Callback):
         n = offload_idle_probe_every
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"offload_idle_probe_every={n!r} must be an int >= 0")
-        if not isinstance(copy_next_batch, bool):
-            raise ValueError(f"copy_next_batch={copy_next_batch!r} must be True or False")
+        for name, flag in (("copy_next_batch", copy_next_batch), ("log_metrics", log_metrics)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name}={flag!r} must be True or False")
         self.runtime = TierRuntime(
             tier_config, offload=offload if offload_activations else None, oom=oom, kv=kv,
             kv_model_version=kv_model_version,
         )  # fmt: skip
+        self.log_metrics = log_metrics
         self.log_every_n_steps = log_every_n_steps
         self.progress_bar = progress_bar
         self.wandb_extras = wandb_extras
@@ -179,20 +216,68 @@ class TierCacheCallback(Callback):
         self._wandb: Any = None
         self._state: dict[str, Any] = {}
         self._stage: str | None = None
+        self._final_stats: dict[str, dict[str, Any]] = {}
         self._eval_batches = 0
-        self._last_logged: tuple[str, int] | None = None
+        self._unlogged: tuple[str, int] | None = None  # (stage, step) of the last batch not yet logged
         self._bar_values: dict[str, float | int] = {}
         self._bar_patch: tuple[Any, bool, Any] | None = None
 
     @property
     def store(self) -> TierStore | None:
-        """This rank's store (between ``setup`` and ``teardown``)."""
+        """This rank's store between ``setup`` and ``teardown``, else ``None`` (its counters: :meth:`stats`)."""
         return self.runtime.store
 
     @property
-    def kv_cache(self) -> Any:
-        """The ``generate`` hook of the module's HF models (``make_cache(model)`` gives a cache), or ``None``."""
+    def offloader(self) -> ActivationOffloader | None:
+        """The activation offloader during ``fit`` (``None`` otherwise or when ``offload_activations=False``)."""
+        return self.runtime.offloader
+
+    @property
+    def step_hook(self) -> StepHook | None:
+        """The strategy hook that recovers from OOM (and enters the offloader around forwards), or ``None``."""
+        return self.runtime.hook
+
+    @property
+    def kv_generate(self) -> GenerateHook | None:
+        """The ``generate`` hook of the module's HF models, or ``None``; ``make_cache(model)`` gives a cache."""
         return self.runtime.kv
+
+    @property
+    def kv_cache(self) -> GenerateHook | None:
+        """The former name of :attr:`kv_generate` (it is the ``generate`` hook, not a cache)."""
+        return self.kv_generate
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """Every part's counters: ``store``, ``activations``, ``oom``, ``kv``, ``batch_copy`` (the parts that run).
+
+        During a stage they are live; after ``teardown`` (or an exception) they are the final counters of the
+        last stage. ``store`` is :meth:`TierStore.stats` (per tier ``peak_bytes``: since the stage began);
+        ``activations`` :meth:`ActivationOffloader.stats`; ``oom`` the step hook's (``oom_retries``,
+        ``current_micro_batches``, ... and ``eval_*``); ``kv`` the ``generate`` hook's; ``batch_copy`` the
+        CUDA next-batch copier's.
+        """
+        if self.store is None:
+            return {k: dict(v) for k, v in self._final_stats.items()}
+        parts: dict[str, Any] = {
+            "store": self.store,
+            "activations": self.offloader,
+            "oom": self.step_hook if self.step_hook is not None and self.step_hook.config.enabled else None,
+            "kv": self.kv_generate,
+            "batch_copy": self.copier,
+        }
+        return {name: dict(part.stats()) for name, part in parts.items() if part is not None}
+
+    def summary(self) -> RunSummary:
+        """What the parts did in the current (or last) stage, as a :class:`RunSummary`.
+
+        ``print(cb.summary())`` gives the run-end text: what was offloaded and where, the estimated device memory
+        saved, tiers over budget, OOM recoveries and prefix reuse. Its peaks are the peaks since the stage began.
+        """
+        rank, world = 0, 1
+        if dist.is_available() and dist.is_initialized():
+            rank, world = dist.get_rank(), dist.get_world_size()
+        stage = None if self._stage is None else str(getattr(self._stage, "value", self._stage))  # TrainerFn
+        return RunSummary.from_stats(stage, self.stats(), rank=rank, world_size=world)
 
     @staticmethod
     def get(trainer: pl.Trainer) -> TierCacheCallback:
@@ -218,7 +303,11 @@ class TierCacheCallback(Callback):
         self.copier = NextBatchCopier.for_trainer(trainer) if self.copy_next_batch else None
         if self.copier is not None:
             self.copier.install(trainer)
-        every = self.log_every_n_steps or max(1, int(getattr(trainer, "log_every_n_steps", 50) or 1))
+        self._final_stats = {}
+        self.telemetry = None
+        if not self.log_metrics:
+            return  # nothing sampled, nothing logged, the bar untouched
+        every = self.log_every_n_steps or getattr(trainer, "log_every_n_steps", 50) or None
         self.telemetry = Telemetry(every, device=device)
         self._show_on_progress_bar(trainer)
         if self.wandb_extras and trainer.is_global_zero:
@@ -256,10 +345,6 @@ class TierCacheCallback(Callback):
         self.runtime.set_weights_version(pl_module, trainer.global_step)
 
     @override
-    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.runtime.set_weights_version(pl_module, trainer.global_step if self._stage == "fit" else None)
-
-    @override
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.runtime.set_weights_version(pl_module, None)
 
@@ -285,20 +370,29 @@ class TierCacheCallback(Callback):
     ) -> None:
         if self.runtime.kv is not None:
             self.runtime.set_weights_version(pl_module, trainer.global_step)  # KV of older weights is never served
+        if self.telemetry is None or not _steps_optimizer(trainer, pl_module, batch_idx):
+            return  # Lightning logs only batches that step the optimizer; telemetry follows it
         # Lightning logs this batch's metrics at ``_batches_that_stepped`` before it increments; match it.
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
-        self._maybe_log(trainer, pl_module, "train", step, step)
+        self._batch_logged_or_kept(trainer, "train", step, step)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._log_now(trainer, "train", trainer.fit_loop.epoch_loop._batches_that_stepped)
+        self._log_unlogged(trainer, "train")
 
-    def _eval_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule | None, stage: str) -> None:
-        if trainer.sanity_checking:
+    def _eval_end(self, trainer: pl.Trainer, stage: str) -> None:
+        if trainer.sanity_checking or self.telemetry is None:
             return
         self._eval_batches += 1
         if self._stage != "fit":  # validation inside fit logs once, at its end, at the training step
-            self._maybe_log(trainer, pl_module, stage, self._eval_batches - 1, self._eval_batches - 1)
+            index = self._eval_batches - 1
+            self._batch_logged_or_kept(trainer, stage, index, index)
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.runtime.set_weights_version(pl_module, trainer.global_step if self._stage == "fit" else None)
+        if self._stage == "fit" and not trainer.sanity_checking:
+            self._log_unlogged(trainer, "train")  # the validation's window holds validation only
 
     @override
     def on_validation_batch_start(
@@ -316,13 +410,16 @@ class TierCacheCallback(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self._eval_end(trainer, pl_module, "validate")
+        self._eval_end(trainer, "validate")
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.sanity_checking:
-            step = trainer.fit_loop.epoch_loop._batches_that_stepped if self._stage == "fit" else self._eval_batches
-            self._log_now(trainer, "validate", step)
+        if trainer.sanity_checking:
+            return
+        if self._stage == "fit":  # one row at the training step, only if the validation used the store
+            self._log_now(trainer, "validate", trainer.fit_loop.epoch_loop._batches_that_stepped, if_active=True)
+        else:
+            self._log_unlogged(trainer, "validate")
 
     @override
     def on_test_batch_start(
@@ -340,11 +437,11 @@ class TierCacheCallback(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self._eval_end(trainer, pl_module, "test")
+        self._eval_end(trainer, "test")
 
     @override
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._log_now(trainer, "test", self._eval_batches)
+        self._log_unlogged(trainer, "test")
 
     @override
     def on_predict_batch_start(
@@ -362,20 +459,26 @@ class TierCacheCallback(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self._eval_end(trainer, None, "predict")  # self.log is not allowed in predict
+        self._eval_end(trainer, "predict")
 
     @override
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._log_now(trainer, "predict", self._eval_batches)
+        self._log_unlogged(trainer, "predict")
 
     # ------------------------------------------------------------------ telemetry
 
-    def _maybe_log(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule | None, stage: str, index: int, step: int
-    ) -> None:
-        if self.telemetry is None or not self.telemetry.due(index):
-            return
-        self._log_now(trainer, stage, step)
+    def _batch_logged_or_kept(self, trainer: pl.Trainer, stage: str, index: int, step: int) -> None:
+        """Log at a due batch; remember any other, so the stage's end logs it at its own step (never one past)."""
+        assert self.telemetry is not None
+        if self.telemetry.due(index):
+            self._log_now(trainer, stage, step)
+        else:
+            self._unlogged = (stage, step)
+
+    def _log_unlogged(self, trainer: pl.Trainer, stage: str) -> None:
+        """Log the window of ``stage``'s batches since the last row, if there are any, at the last one's step."""
+        if self._unlogged is not None and self._unlogged[0] == stage:
+            self._log_now(trainer, stage, self._unlogged[1])
 
     def _show_on_progress_bar(self, trainer: pl.Trainer) -> None:
         """Add the summary to the progress bar's ``get_metrics`` (its documented override point).
@@ -405,11 +508,15 @@ class TierCacheCallback(Callback):
         else:
             vars(bar).pop("get_metrics", None)
 
-    def _log_now(self, trainer: pl.Trainer, stage: str, step: int) -> None:
-        """Sample, reduce across ranks (a collective: every rank gets here at the same step) and log."""
-        if self.telemetry is None or self.store is None or self._last_logged == (stage, step):
+    def _log_now(self, trainer: pl.Trainer, stage: str, step: int, *, if_active: bool = False) -> None:
+        """Sample, reduce across ranks (a collective: every rank gets here at the same step) and log.
+
+        With ``if_active`` the row is logged only if the reduced values show work in the window (the same
+        answer on every rank, so the event gather below stays a collective every rank joins or none does).
+        """
+        if self.telemetry is None or self.store is None:
             return
-        self._last_logged = (stage, step)
+        self._unlogged = None
         rt = self.runtime
         train = stage == "train"
         values = self.telemetry.sample(
@@ -420,12 +527,14 @@ class TierCacheCallback(Callback):
             oom_prefix="" if train else "eval_",
         )
         reduced = self.telemetry.reduce(values)
+        if not self.telemetry.active(reduced, stage) and if_active:
+            return
         self.last_metrics.update(reduced)
         if self._bar_patch is not None:
-            self._bar_values["tc_hit"] = round(reduced.get("tiercache/hit_rate", 1.0), 3)
-            self._bar_values["tc_dev"] = round(reduced.get("tiercache/device/budget_use", 0.0), 3)
+            self._bar_values["tc_hit_rate"] = round(reduced.get("tiercache/hit_rate", 1.0), 3)
+            self._bar_values["tc_device_use"] = round(reduced.get("tiercache/device/budget_use", 0.0), 3)
             if "tiercache/oom/micro_batches" in reduced:
-                self._bar_values["tc_mb"] = int(reduced["tiercache/oom/micro_batches"])
+                self._bar_values["tc_micro_batches"] = int(reduced["tiercache/oom/micro_batches"])
         self.telemetry.log(trainer.loggers, reduced, step)
         # Every rank drains and joins the gather (a collective, like the reduce above); rank zero alone has
         # the loggers and the W&B bridge, so it logs every rank's events, each with its own rank.
@@ -444,7 +553,9 @@ class TierCacheCallback(Callback):
     def _release(self) -> None:
         """Close every part and the store (spill files deleted); keep the state for a later stage."""
         self._state = self.state_dict()
-        self._last_logged = None
+        if self.store is not None:
+            self._final_stats = self.stats()
+        self._unlogged = None
         self._eval_batches = 0
         wandb_bridge, self._wandb = self._wandb, None
         try:
@@ -455,3 +566,43 @@ class TierCacheCallback(Callback):
                 self.copier.uninstall()
             if wandb_bridge is not None:
                 wandb_bridge.flush()
+
+
+def _steps_optimizer(trainer: pl.Trainer, pl_module: pl.LightningModule, batch_idx: int) -> bool:
+    """Whether this training batch ends with an optimizer step (Lightning logs only those, and manual steps)."""
+    if not pl_module.automatic_optimization:
+        return True
+    every = max(1, int(trainer.accumulate_grad_batches))
+    return (batch_idx + 1) % every == 0 or batch_idx + 1 == trainer.num_training_batches
+
+
+@contextlib.contextmanager
+def _named_as_arguments(names: dict[str, str]) -> Iterator[None]:
+    """Re-raise a config's ``ValueError`` under the callback's argument name (``quant=`` -> ``kv_quant=``)."""
+    try:
+        yield
+    except ValueError as err:
+        text = str(err)
+        m = re.match(r"(?:\w+Config\.)?(\w+)", text)
+        if m is None or m.group(1) not in names:
+            raise
+        raise ValueError(names[m.group(1)] + text[m.end() :]) from None
+
+
+_OOM_ARGUMENTS = {
+    "enabled": "oom_recovery",
+    "initial_micro_batches": "oom_initial_micro_batches",
+    "max_micro_batches": "oom_max_micro_batches",
+    "grow_back_after_steps": "oom_grow_back_after_steps",
+    "loss_reduction": "oom_loss_reduction",
+    "split_eval": "oom_split_eval",
+    "split_fn": "split_fn",
+    "merge_fn": "merge_fn",
+}
+_KV_ARGUMENTS = {
+    "block_tokens": "kv_block_tokens",
+    "offload": "kv_offload",
+    "device_layers": "kv_device_layers",
+    "persist_dir": "kv_persist_dir",
+    "quant": "kv_quant",
+}

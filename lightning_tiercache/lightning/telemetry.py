@@ -74,15 +74,26 @@ def _tier_specs() -> list[MetricSpec]:
     out = []
     for tier in ("device", "host", "disk"):
         out += [
-            MetricSpec(f"tiercache/{tier}/bytes", "sum", "store", "bytes", "max", f"bytes resident in the {tier} tier"),
-            MetricSpec(f"tiercache/{tier}/entries", "sum", "store", "count", None, f"entries in the {tier} tier"),
+            MetricSpec(
+                f"tiercache/{tier}/bytes",
+                "sum",
+                "store",
+                "bytes",
+                "max",
+                f"bytes resident in the {tier} tier at the sample (a batch boundary: in fit the step's activations "
+                "are freed by then, see peak_bytes)",
+            ),
+            MetricSpec(
+                f"tiercache/{tier}/entries", "sum", "store", "count", None, f"entries in the {tier} tier at the sample"
+            ),
             MetricSpec(
                 f"tiercache/{tier}/budget_use",
                 "max",
                 "store",
                 "ratio",
                 "max",
-                f"highest {tier} bytes since the last sample / {tier} budget (worst rank)",
+                f"highest {tier} bytes since the last sample / {tier} budget (worst rank); above 1: the tier held "
+                "more than its budget (entries that could not move down in time)",
             ),
             MetricSpec(
                 f"tiercache/{tier}/peak_bytes",
@@ -105,10 +116,26 @@ METRICS: tuple[MetricSpec, ...] = (
     _S("tiercache/prefetch/wait_p50_s", "max", "store", "s", "max", "median wait of the gets that waited"),
     _S("tiercache/prefetch/wait_p95_s", "max", "store", "s", "max", "95th percentile wait of the gets that waited"),
     _S("tiercache/prefetch/wait_s", "sum", "store", "s", "max", "total time gets waited"),
-    _S("tiercache/bandwidth/to_device_bytes_per_s", "sum", "store", "bytes/s", "max", "host -> device copies"),
-    _S("tiercache/bandwidth/to_host_bytes_per_s", "sum", "store", "bytes/s", "max", "device -> host copies"),
+    _S(
+        "tiercache/bandwidth/to_device_bytes_per_s",
+        "sum",
+        "cuda",
+        "bytes/s",
+        "max",
+        "host -> device copies (CUDA stores: on a CPU the device tier is a RAM budget and nothing is copied)",
+    ),
+    _S(
+        "tiercache/bandwidth/to_host_bytes_per_s",
+        "sum",
+        "cuda",
+        "bytes/s",
+        "max",
+        "device -> host copies (CUDA stores only)",
+    ),
     _S("tiercache/bandwidth/to_disk_bytes_per_s", "sum", "store", "bytes/s", "max", "spill writes (raw bytes)"),
     _S("tiercache/bandwidth/from_disk_bytes_per_s", "sum", "store", "bytes/s", "max", "spill reads (raw bytes)"),
+    _S("tiercache/puts", "sum", "store", "count", "max", "entries given to the store so far"),
+    _S("tiercache/gets", "sum", "store", "count", "max", "entries read back from the store so far"),
     _S("tiercache/spills", "sum", "store", "count", "max", "entries written to disk so far"),
     _S("tiercache/evictions", "sum", "store", "count", "max", "entries moved down a tier by the policy so far"),
     _S("tiercache/drops", "sum", "store", "count", "max", "cache entries dropped under pressure so far"),
@@ -166,6 +193,14 @@ METRICS: tuple[MetricSpec, ...] = (
     _S("tiercache/kv/evictions", "sum", "kv", "count", "max", "blocks found by lookup but dropped before use so far"),
 )
 _BY_KEY = {s.key: s for s in METRICS}
+#: Running counts whose change means a part did work in a window (see :meth:`Telemetry.active`).
+_STORE_ACTIVITY = ("tiercache/puts", "tiercache/gets", "tiercache/spills")
+_ACTIVITY = (
+    *_STORE_ACTIVITY,
+    "tiercache/oom/retries",
+    "tiercache/kv/hit_tokens",
+    "tiercache/kv/blocks",
+)
 
 
 def spec(key: str) -> MetricSpec:
@@ -222,7 +257,9 @@ class _HasStats(Protocol):
 
 
 class _StoreStats(Protocol):
-    def stats(self, reset_peaks: bool = False) -> Mapping[str, Any]: ...
+    device: torch.device
+
+    def stats(self, reset_window: bool = False) -> Mapping[str, Any]: ...
 
 
 class _Logger(Protocol):
@@ -255,15 +292,17 @@ class Telemetry:
     """Samples the running parts, reduces across ranks and logs every ``every_n`` steps.
 
     Args:
-        every_n: log every this many steps (the Trainer's ``log_every_n_steps`` by default in the callback).
+        every_n: log every this many steps (the Trainer's ``log_every_n_steps`` by default in the callback);
+            ``None``: no step is due (the callback then logs at stage ends only, as Lightning does with
+            ``log_every_n_steps=0``).
         device: device of the metric states (the collective's device: CUDA under NCCL).
         host_every_s: read host RAM (``tiercache/host_ram/*``) at most this often; samples in between repeat the
             last reading.
     """
 
-    def __init__(self, every_n: int = 50, device: torch.device | str = "cpu", host_every_s: float = 1.0) -> None:
-        if isinstance(every_n, bool) or not isinstance(every_n, int) or every_n < 1:
-            raise ValueError(f"every_n={every_n!r} must be an int >= 1")
+    def __init__(self, every_n: int | None = 50, device: torch.device | str = "cpu", host_every_s: float = 1.0) -> None:
+        if every_n is not None and (isinstance(every_n, bool) or not isinstance(every_n, int) or every_n < 1):
+            raise ValueError(f"every_n={every_n!r} must be an int >= 1 or None")
         if not host_every_s >= 0:
             raise ValueError(f"host_every_s={host_every_s!r} must be >= 0")
         self.every_n = every_n
@@ -274,10 +313,11 @@ class Telemetry:
         self.last: dict[str, float] = {}
         self._prev: dict[str, float] = {}
         self._prev_time = time.perf_counter()
+        self._activity: dict[str, float] = {}
 
     def due(self, step: int) -> bool:
         """Whether ``step`` (0-based, the same on every rank) is a logging step."""
-        return (step + 1) % self.every_n == 0
+        return self.every_n is not None and (step + 1) % self.every_n == 0
 
     def sample(
         self,
@@ -293,7 +333,8 @@ class Telemetry:
         window = max(now - self._prev_time, 1e-9)
         out: dict[str, float] = {}
         if store is not None:
-            out.update(self._store_values(store.stats(reset_peaks=True), window))  # peaks per window
+            cuda = store.device.type == "cuda"
+            out.update(self._store_values(store.stats(reset_window=True), window, cuda=cuda))  # peaks per window
         if now - self._host_time >= self.host_every_s:  # system calls, slow between large kernels: not every log
             self._host, self._host_time = host_memory(), now
         rss, available = self._host
@@ -328,13 +369,30 @@ class Telemetry:
         for logger in loggers:
             logger.log_metrics(dict(values), step=step)
 
-    def _store_values(self, st: Mapping[str, Any], window: float) -> dict[str, float]:
+    def active(self, values: Mapping[str, float], stage: str = "") -> bool:
+        """Whether ``values`` (reduced, so every rank answers alike) show work since the previous call.
+
+        Work is a change of a running count (puts, gets, spills; OOM retries and KV tokens served, compared
+        with the previous call for the same ``stage``, since train and eval keep their own) or bytes held in a
+        tier; a window without any is not worth a logged row (a validation that stored nothing).
+        """
+        changed = False
+        for key in _ACTIVITY:
+            slot = key if key in _STORE_ACTIVITY else f"{stage}:{key}"
+            value = float(values.get(key, 0.0))
+            changed |= self._activity.get(slot, 0.0) != value
+            self._activity[slot] = value
+        held = any(values.get(f"tiercache/{t}/peak_bytes", 0.0) > 0 for t in ("device", "host", "disk"))
+        return held or changed
+
+    def _store_values(self, st: Mapping[str, Any], window: float, *, cuda: bool) -> dict[str, float]:
         out: dict[str, float] = {}
         for tier, t in st["tiers"].items():
             out[f"tiercache/{tier}/bytes"] = float(t["bytes"])
             out[f"tiercache/{tier}/entries"] = float(t["entries"])
-            out[f"tiercache/{tier}/budget_use"] = t["peak_bytes"] / t["budget"] if t["budget"] else 0.0
-            out[f"tiercache/{tier}/peak_bytes"] = float(t["peak_bytes"])
+            peak = t["window_peak_bytes"]
+            out[f"tiercache/{tier}/budget_use"] = peak / t["budget"] if t["budget"] else 0.0
+            out[f"tiercache/{tier}/peak_bytes"] = float(peak)
         gets = st.get("gets", 0)
         out["tiercache/hit_rate"] = st.get("hits", 0) / gets if gets else 1.0
         out["tiercache/prefetch/wait_share"] = st.get("waits", 0) / gets if gets else 0.0
@@ -348,8 +406,11 @@ class Telemetry:
             ("from_disk", "read_bytes"),
         ):
             total = float(st.get(counter, 0))
-            out[f"tiercache/bandwidth/{key}_bytes_per_s"] = max(0.0, total - self._prev.get(counter, 0.0)) / window
+            if cuda or key.endswith("disk"):
+                out[f"tiercache/bandwidth/{key}_bytes_per_s"] = max(0.0, total - self._prev.get(counter, 0.0)) / window
             self._prev[counter] = total
+        out["tiercache/puts"] = float(st.get("puts", 0))
+        out["tiercache/gets"] = float(gets)
         out["tiercache/spills"] = float(st.get("spills", 0))
         out["tiercache/evictions"] = float(st.get("evictions", 0))
         out["tiercache/drops"] = float(st.get("drops", 0))

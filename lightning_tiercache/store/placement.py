@@ -137,7 +137,8 @@ class TierStore:
         self._policies: dict[Tier, EvictionPolicy] = {t: make_policy(self.config.policy) for t in _TIERS}
         self._used = dict.fromkeys(_TIERS, 0)
         self._leaving = dict.fromkeys(_TIERS, 0)
-        self._peak = dict.fromkeys(_TIERS, 0)
+        self._peak = dict.fromkeys(_TIERS, 0)  # since the store opened
+        self._window_peak = dict.fromkeys(_TIERS, 0)  # since the last stats(reset_window=True)
         self._counts: collections.Counter[str] = collections.Counter()
         self._busy_s: collections.defaultdict[str, float] = collections.defaultdict(float)
         self._waits: collections.deque[float] = collections.deque(maxlen=4096)
@@ -388,11 +389,12 @@ class TierStore:
         """
         self._jobs.settle(timeout_s)
 
-    def stats(self, reset_peaks: bool = False) -> dict[str, Any]:
-        """A snapshot of counters: per-tier bytes/entries/budget/peak, traffic, waits and failures.
+    def stats(self, reset_window: bool = False) -> dict[str, Any]:
+        """A snapshot of counters: per-tier bytes/entries/budget/peaks, traffic, waits and failures.
 
-        ``peak_bytes`` is the highest use since the store opened or since the last call with
-        ``reset_peaks=True``, which starts a new window at the current use (for periodic sampling).
+        Per tier, ``peak_bytes`` is the highest use since the store opened, and ``window_peak_bytes`` the
+        highest use since the last call with ``reset_window=True``, which starts a new window at the current
+        use (for periodic sampling; :class:`~lightning_tiercache.lightning.telemetry.Telemetry` does it).
         """
         with self._lock:
             tiers = {}
@@ -402,9 +404,10 @@ class TierStore:
                     "entries": len(self._policies[t]),
                     "budget": self._budget[t],
                     "peak_bytes": self._peak[t],
+                    "window_peak_bytes": self._window_peak[t],
                 }
-                if reset_peaks:
-                    self._peak[t] = self._used[t]
+                if reset_window:
+                    self._window_peak[t] = self._used[t]
             waits = sorted(self._waits)
             out: dict[str, Any] = {"tiers": tiers, "entries": len(self._entries)}
             for name in (
@@ -459,6 +462,10 @@ class TierStore:
         with self._lock:
             return len(self._entries)
 
+    def __bool__(self) -> bool:
+        # An open store with no entries is still a store: ``if cb.store:`` must not depend on its size.
+        return True
+
     def __contains__(self, handle: object) -> bool:
         with self._lock:
             return isinstance(handle, Handle) and handle.store == self._id and handle.id in self._entries
@@ -508,6 +515,7 @@ class TierStore:
     def _add(self, e: Entry, tier: Tier) -> None:
         self._used[tier] += e.nbytes
         self._peak[tier] = max(self._peak[tier], self._used[tier])
+        self._window_peak[tier] = max(self._window_peak[tier], self._used[tier])
 
     def _eligible(self, tier: Tier, exclude: int | None, stuck: set[int]) -> Callable[[int], bool]:
         def ok(i: int) -> bool:

@@ -69,8 +69,14 @@ def test_bad_arguments_fail_at_construction_naming_the_argument(tmp_path: Path) 
         TierCacheCallback(oom_loss_reduction="median")
     with pytest.raises(ValueError, match="offload_idle_probe_every=-1 must be an int >= 0"):
         TierCacheCallback(offload_idle_probe_every=-1)
-    with pytest.raises(ValueError, match="quant='int3' is not one of"):
+    with pytest.raises(ValueError, match=r"^kv_quant='int3' is not one of none, int8, int4"):
         TierCacheCallback(kv_quant="int3")
+    with pytest.raises(ValueError, match=r"^oom_loss_reduction must be one of"):
+        TierCacheCallback(oom_loss_reduction="median")
+    with pytest.raises(ValueError, match=r"^host_bytes='-1GiB' must be >= 0 bytes"):
+        TierCacheCallback(host_bytes="-1GiB")
+    with pytest.raises(ValueError, match=r"^log_metrics='no' must be True or False"):
+        TierCacheCallback(log_metrics="no")  # type: ignore[arg-type]
 
 
 def test_get_finds_the_callback_or_says_how_to_add_it(tmp_path: Path, spill_parent: Path) -> None:
@@ -90,9 +96,9 @@ def test_fit_logs_documented_keys_every_n_steps_and_cleans_up(tmp_path: Path, sp
     assert keys <= KEYS
     assert keys == keys_of("store", "system", "activations", "oom")
     train = [r["step"] for r in logged if r.get("tiercache/activations/offloaded_bytes")]
-    assert train == ["1", "3", "4"]  # every 2nd step, then once at the end
+    assert train == ["1", "3"]  # every 2nd step; the last step was logged, so the stage end adds no row
     val = [r["step"] for r in logged if r.get("tiercache/ranks") and not r.get("tiercache/activations/offloaded_bytes")]
-    assert val == ["3"]  # the end-of-epoch validation logs once, at the training step
+    assert val == []  # the end-of-epoch validation used no store: no empty row
     assert float(logged[-1]["tiercache/activations/offloaded_bytes"]) > 0
     assert float(logged[-1]["tiercache/spills"]) > 0
     assert cb.store is None and list(spill_parent.iterdir()) == []
@@ -159,10 +165,10 @@ def test_progress_bar_shows_a_short_summary(tmp_path: Path, spill_parent: Path) 
     t = trainer(tmp_path, make_callback(spill_parent), log_every_n_steps=1, enable_progress_bar=True, extra=[Peek()])
     bar = t.progress_bar_callback
     t.fit(Wide())
-    assert {"tc_hit", "tc_dev", "tc_mb"} <= set(shown)
-    assert shown["tc_mb"] == 1 and 0 <= shown["tc_hit"] <= 1
+    assert {"tc_hit_rate", "tc_device_use", "tc_micro_batches"} <= set(shown)
+    assert shown["tc_micro_batches"] == 1 and 0 <= shown["tc_hit_rate"] <= 1
     assert "get_metrics" not in vars(bar)  # put back at teardown
-    assert not {"tc_hit", "tc_dev", "tc_mb"} & set(t.progress_bar_metrics)  # never logged through self.log
+    assert not {"tc_hit_rate", "tc_device_use", "tc_micro_batches"} & set(t.progress_bar_metrics)  # not self.log
 
 
 class Boom(L.Callback):
@@ -206,7 +212,7 @@ def test_validate_alone_logs_eval_keys_per_batch(tmp_path: Path, spill_parent: P
     t = trainer(tmp_path, make_callback(spill_parent), log_every_n_steps=1)
     t.validate(BoringModel())
     logged = [r for r in rows(t) if r.get("tiercache/ranks")]
-    assert [r["step"] for r in logged] == ["0", "1", "2"]  # two batches, then the end
+    assert [r["step"] for r in logged] == ["0", "1"]  # two batches; the end adds no row one step past them
     keys = {k for r in logged for k, v in r.items() if k.startswith("tiercache/") and v != ""}
     assert keys == keys_of("store", "system", "oom")  # no activations outside fit; no HF model, no KV
 
@@ -227,7 +233,6 @@ def test_configs_set_every_callback_argument(name: str) -> None:
     import yaml
 
     config = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs" / name).read_text())
-    (spec,) = [c for c in config["trainer"]["callbacks"] if c["class_path"] == "lightning_tiercache.TierCacheCallback"]
     params = set(inspect.signature(TierCacheCallback.__init__).parameters) - {"self"}
-    assert set(spec["init_args"]) == params
-    TierCacheCallback(**spec["init_args"])  # every value is valid
+    assert set(config["tiercache"]) == params  # the --tiercache.<argument> section of TierCacheCLI
+    TierCacheCallback(**config["tiercache"])  # every value is valid

@@ -52,7 +52,7 @@ def test_spec_lookup_names_undocumented_key() -> None:
 
 
 def test_every_n_must_be_positive() -> None:
-    with pytest.raises(ValueError, match="every_n=0 must be an int >= 1"):
+    with pytest.raises(ValueError, match="every_n=0 must be an int >= 1 or None"):
         Telemetry(0)
 
 

@@ -443,14 +443,21 @@ def test_unwritable_spill_dir_is_refused_by_access_check(tmp_path, monkeypatch):
         TierConfig(spill_dir=str(tmp_path / "x"))
 
 
-def test_peak_bytes_cover_a_window_when_reset(make_store):
+def test_window_peaks_reset_apart_from_the_peaks_since_open(make_store):
     store = make_store(device_bytes="1MiB", host_bytes="1MiB", disk_bytes="1MiB")
     h = store.put(torch.zeros(1024))
     store.free(h)
-    assert store.stats(reset_peaks=True)["tiers"]["device"]["peak_bytes"] == 4096
-    assert store.stats()["tiers"]["device"]["peak_bytes"] == 0  # the new window saw nothing
+    assert store.stats(reset_window=True)["tiers"]["device"]["window_peak_bytes"] == 4096
+    device = store.stats()["tiers"]["device"]
+    assert device["window_peak_bytes"] == 0  # the new window saw nothing
+    assert device["peak_bytes"] == 4096  # the peak since open is never reset
     store.put(torch.zeros(256))
-    assert store.stats()["tiers"]["device"]["peak_bytes"] == 1024
+    assert store.stats()["tiers"]["device"]["window_peak_bytes"] == 1024
+
+
+def test_an_empty_store_is_truthy(make_store):
+    store = make_store(device_bytes="1MiB", host_bytes="1MiB", disk_bytes="1MiB")
+    assert len(store) == 0 and bool(store)
 
 
 def test_a_copy_that_cannot_allocate_leaves_accounting_as_it_was(sim_store):
