@@ -222,6 +222,18 @@ class TierCacheCallback(Callback):
         self._bar_values: dict[str, float | int] = {}
         self._bar_patch: tuple[Any, bool, Any] | None = None
 
+    # Live parts built in `setup` (threads, locks, patched Lightning objects): not copied or pickled.
+    _LIVE = ("copier", "telemetry", "_wandb", "_bar_patch")
+
+    def __getstate__(self) -> dict[str, Any]:
+        """A copy (``copy.deepcopy``, ``pickle``) keeps the settings and the learned state, not the live parts:
+        it is a callback as after ``teardown``, ready for another Trainer."""
+        state = dict(vars(self))
+        state["_state"] = self.state_dict()
+        for name in self._LIVE:
+            state[name] = None
+        return state
+
     @property
     def store(self) -> TierStore | None:
         """This rank's store between ``setup`` and ``teardown``, else ``None`` (its counters: :meth:`stats`)."""
@@ -299,6 +311,7 @@ class TierCacheCallback(Callback):
         device = trainer.strategy.root_device
         self.runtime.open(device, pl_module, train=stage == "fit", state=self._state)
         if self.runtime.hook is not None:
+            self.runtime.hook.owner = self  # steps aside while Lightning's batch-size search unlists callbacks
             self.runtime.hook.install(trainer)
         self.copier = NextBatchCopier.for_trainer(trainer) if self.copy_next_batch else None
         if self.copier is not None:

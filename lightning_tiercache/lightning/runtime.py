@@ -73,6 +73,12 @@ class TierRuntime:
         self.kv: Any = None
         self._kv_base: str | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        """A copy holds the configuration only: the store and the parts (threads, locks, files) stay here."""
+        state = dict(vars(self))
+        state.update(store=None, offloader=None, hook=None, kv=None, _kv_base=None)
+        return state
+
     def open(self, device: torch.device, module: torch.nn.Module, *, train: bool, state: Mapping[str, Any]) -> None:
         """Open the store on ``device`` and build the parts (the OOM hook is built, not installed)."""
         cfg = self.tier_config

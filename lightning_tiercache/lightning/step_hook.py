@@ -1,15 +1,22 @@
-"""The strategy hook: wraps a Trainer's strategy step calls for OOM split-and-retry and micro-batching.
+"""The strategy hook: Lightning's own steps until one runs out of memory, then split-and-retry.
 
-Lightning's automatic optimization runs ``training_step`` inside the optimizer closure, then ``zero_grad``,
-then ``strategy.backward(loss)``. The hook's ``training_step`` runs forward *and* backward of every
-micro-batch itself (through the strategy's own ``backward``, so precision scaling and the backward hooks run
-as usual), rolls back and retries on OOM, and hands the step's gradients to the closure's ``backward`` call,
-which adds them to ``.grad`` and, under DDP, all-reduces them once (see Note: [no hang] in
-:mod:`lightning_tiercache.oom.microbatch`). Gradients already in ``.grad`` from earlier batches of an accumulation
-window stay untouched until then, so a failed attempt never corrupts them (see Note: [stale grads]).
+The hook wraps a Trainer's strategy ``training_step``, ``backward`` and eval step calls. A step that does not
+fail is Lightning's own (Note: [fast path]): forward here, then Lightning's closure, its ``zero_grad`` and its
+``backward`` (or none, when the loop skips backward, as SWA's BatchNorm epoch does), DDP's reducer with its
+bucketed overlap and any communication hook. What the hook adds is a snapshot of what the step may log or
+update (:mod:`lightning_tiercache.lightning.step_state`) and, under DDP on steps that synchronize gradients,
+one three-integer all-reduce after backward (:func:`lightning_tiercache.oom.ddp.step_failed`).
 
-Eval steps are split the same way; each micro-batch's ``self.log`` values and torchmetrics states are
-snapshotted and restored if it runs out of memory, so no sample is counted twice.
+When forward or backward raises an OOM, the failed attempt is dropped and rolled back, and the step runs again
+as micro-batches (:mod:`lightning_tiercache.lightning.split_step`, :class:`~lightning_tiercache.oom.MicroBatchRunner`),
+so the optimizer steps once on the same gradient. Steps whose gradients no other rank waits for (one process,
+DDP inside ``no_sync``, every eval step) recover on their own rank; a DDP step that synchronizes recovers on
+every rank together (Note: [completing the buckets] in :mod:`lightning_tiercache.oom.ddp`). Strategies whose
+forward has its own collectives (FSDP, DeepSpeed) run every training step through the runner with
+agreement after each micro-batch, as their forwards must stay in lockstep anyway.
+
+While the owner callback is not among ``trainer.callbacks`` (Lightning's batch-size search removes every
+callback while it runs its trials, and needs to see the OOMs it probes for), the hook steps aside.
 """
 
 from __future__ import annotations
@@ -19,19 +26,19 @@ import dataclasses
 import functools
 import logging
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torchmetrics import Metric
 
-from lightning_tiercache.errors import BatchSplitError
-from lightning_tiercache.oom.microbatch import MicroBatchRunner, StepResult, attempt, oom_message, sync_gradients
-from lightning_tiercache.oom.recovery import MicroBatchPolicy, OOMConfig, RankAgreement, now
-from lightning_tiercache.oom.rollback import MetricSnapshots
-from lightning_tiercache.oom.split import merge_outputs
+from lightning_tiercache.lightning.split_step import PendingGrads, Step, combine_outputs, micro_step_of
+from lightning_tiercache.lightning.step_state import StepState, set_log_batch
+from lightning_tiercache.oom.ddp import GradMarks, ddp_params, finish_backward, flag_group, step_failed, zero_forward
+from lightning_tiercache.oom.microbatch import Failure, MicroBatchRunner, StepResult, attempt, oom_message
+from lightning_tiercache.oom.recovery import LocalAgreement, MicroBatchPolicy, OOMConfig, RankAgreement, now
+from lightning_tiercache.oom.split import batch_size_of
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -51,53 +58,20 @@ class _TrainPlan:
     """What the training steps of one epoch read from the Trainer (see :meth:`StepHook._train_plan`)."""
 
     epoch_loop: Any
-    hooked: bool  # automatic optimization, optimizers, and a strategy that leaves accumulation to Lightning
+    hooked: bool  # automatic optimization, optimizers, a strategy that leaves accumulation to Lightning, owner listed
     accumulate: int
-    world: int
     results: Any
+    ddp: DistributedDataParallel | None  # the DDP module, with more than one rank
+    ddp_params: list[torch.Tensor]  # what its reducer waits for
+    lockstep: bool  # several ranks and a forward with collectives of its own (not DDP): always split, agreed
 
 
-@dataclasses.dataclass(slots=True)
-class _Step:
-    """One training step's call, kept until its backward for a retry (Note: [fast path])."""
+def _forward_has_collectives(strategy: Any) -> bool:
+    """Whether the strategy's forward communicates (sharded parameters are gathered): not DDP's."""
+    from lightning.pytorch.strategies import DDPStrategy
 
-    original: Callable[..., Any]
-    backward: Callable[..., Any]
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-    accumulate: int
-    results: Any = None
-    buffers: list[torch.Tensor] | None = None  # clones of the module's buffers before the step
-    saved: Any = None  # what `StepHook._save` returned before the step
-
-
-@dataclasses.dataclass
-class _PendingGrads:
-    """The step's gradients, waiting for the closure's ``backward`` call."""
-
-    params: list[torch.Tensor]
-    grads: list[torch.Tensor | None]
-    ddp: DistributedDataParallel | None
-    must_sync: bool
-
-
-def _lightning_replaced() -> dict[type, tuple[str, ...]]:
-    """Lightning's logged values assign their states (``self.value = self.value + ...``), never change them in
-    place: snapshot them by reference (still checked by version counter, see
-    :mod:`lightning_tiercache.oom.rollback`)."""
-    try:
-        from lightning.pytorch.trainer.connectors.logger_connector.result import _ResultMetric
-    except ImportError:  # another Lightning layout: learned per step instead
-        return {}
-    return {_ResultMetric: ("value", "cumulated_batch_size")}
-
-
-def _detach(x: Any) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.detach()
-    if isinstance(x, Mapping):
-        return {k: _detach(v) for k, v in x.items()}
-    return x
+    module = type(strategy).__module__
+    return not isinstance(strategy, DDPStrategy) or "deepspeed" in module or "xla" in module
 
 
 class StepHook:
@@ -108,6 +82,10 @@ class StepHook:
         store: the TierStore whose device tier is demoted (ladder step 2) before splitting.
         forward_context: ``forward_context(batch)`` gives the context entered around each training forward the
             hook runs, with its (micro-)batch, or ``None`` for none (e.g. ``ActivationOffloader.context_for``).
+
+    Attributes:
+        owner: the callback that installed the hook; while it is not in ``trainer.callbacks`` the hook steps
+            aside (``None``: never).
 
     Example::
 
@@ -126,21 +104,22 @@ class StepHook:
         self.config = config or OOMConfig()
         self.store = store
         self.forward_context = forward_context
+        self.owner: object | None = None
         self.events: deque[dict[str, Any]] = deque(maxlen=256)
         self.train_policy = MicroBatchPolicy(self.config, on_event=self._event)
         self.eval_policy = MicroBatchPolicy(self.config, on_event=self._event)
+        self.state = StepState(self.config)
         self._trainer: pl.Trainer | None = None
         self._strategy: Any = None
         self._saved: dict[str, tuple[bool, Any]] = {}
-        self._pending: _PendingGrads | None = None
-        self._retry: tuple[Any, ...] | None = None  # a `_Step`'s fields (Note: [fast path])
+        self._pending: PendingGrads | None = None
+        self._retry: Step | None = None  # the unsplit step whose backward comes next (Note: [fast path])
         self._stage = "train"
         self._warned: set[str] = set()
-        self._parts_key: tuple[int, int] | None = None
-        self._snapshots = MetricSnapshots(_lightning_replaced())
-        self._is_metric: dict[type, bool] = {}
-        self._parts: tuple[list[torch.Tensor], list[Any]] = ([], [])
         self._plan: _TrainPlan | None = None
+        self._flag_group: Any = None
+        self._flag_group_made = False
+        self._eval_agreed = False  # eval steps agree across ranks (the strategy's forward communicates)
 
     # ------------------------------------------------------------------ install
 
@@ -155,10 +134,14 @@ class StepHook:
             return
         self.uninstall()
         strategy = trainer.strategy
+        if trainer.world_size > 1 and not self._flag_group_made and torch.distributed.is_initialized():
+            self._flag_group = flag_group()  # every rank installs in `setup`: a collective is safe here
+            self._flag_group_made = True
         originals = {name: getattr(strategy, name) for name in _WRAPPED}
         for name in _WRAPPED:
             self._saved[name] = (name in vars(strategy), vars(strategy).get(name))
         self._trainer, self._strategy = trainer, strategy
+        self._eval_agreed = trainer.world_size > 1 and _forward_has_collectives(strategy)
         setattr(strategy, "training_step", self._wrap_train(originals["training_step"], originals["backward"]))  # noqa: B010
         setattr(strategy, "backward", self._wrap_backward(originals["backward"]))  # noqa: B010
         for name in _EVAL_STEPS:
@@ -177,9 +160,8 @@ class StepHook:
         self._saved.clear()
         self._strategy = self._trainer = None
         self._pending = self._retry = None
-        self._parts_key = None
-        self._parts = ([], [])
         self._plan = None
+        self.state.forget()
 
     @contextlib.contextmanager
     def installed_on(self, trainer: pl.Trainer) -> Any:
@@ -221,10 +203,11 @@ class StepHook:
 
     # ------------------------------------------------------------------ helpers
 
-    def _runner(self, policy: MicroBatchPolicy) -> MicroBatchRunner:
+    def _runner(self, policy: MicroBatchPolicy, *, agreed: bool) -> MicroBatchRunner:
         device = getattr(self._strategy, "root_device", None)
         free = self._free_memory if self.store is not None else None
-        return MicroBatchRunner(self.config, policy, RankAgreement(), free_memory=free, device=device)
+        agreement = RankAgreement() if agreed else LocalAgreement()
+        return MicroBatchRunner(self.config, policy, agreement, free_memory=free, device=device)
 
     def _free_memory(self) -> int:
         from lightning_tiercache.store.placement import Tier
@@ -245,76 +228,18 @@ class StepHook:
             self._warned.add(key)
             log.warning(message)
 
-    def _set_log_batch(self, batch: Any, results: Any = None) -> None:
-        # `self.log` weighs mean-reduced values by the batch size it finds in the results' batch.
-        if results is None:
-            results = getattr(self._trainer, "_results", None)
-        if results is not None:
-            results.batch = batch
-            results.batch_size = None
-
-    def _module_parts(self) -> tuple[list[torch.Tensor], list[Any]]:
-        """The module's buffers and torchmetrics metrics, looked up once per epoch (a module walk is not free).
-
-        Buffers or metrics added to the module in the middle of an epoch are rolled back from the next epoch on.
-        """
-        trainer = self._installed_trainer()
-        module = trainer.lightning_module
-        key = (id(module), trainer.current_epoch)
-        if self._parts_key != key:
-            buffers = list(module.buffers()) if self.config.restore_buffers else []
-            self._parts = (buffers, [m for m in module.modules() if isinstance(m, Metric)])
-            self._parts_key = key
-        return self._parts
-
-    def _save(self, results: Any = None) -> Any:
-        """Snapshot what a step may log or accumulate: the trainer's logged results and module metrics.
-
-        The module's metrics are the ones :meth:`_module_parts` found last (each step looks them up first).
-        """
-        if results is None:
-            results = getattr(self._installed_trainer(), "_results", None)
-        logged = dict(results) if results is not None else {}
-        save = self._snapshots.save
-        kinds = self._is_metric
-        states: list[tuple[Any, Any]] = []
-        for m in self._parts[1]:  # a loop, not a comprehension: no frame of its own on this per-step path
-            states.append((m, save(m)))
-        for m in logged.values():
-            is_metric = kinds.get(type(m))
-            if is_metric is None:  # isinstance against torchmetrics' ABC is slow: once per type
-                is_metric = kinds[type(m)] = isinstance(m, Metric)
-            if is_metric:
-                states.append((m, save(m)))
-        return states, results, logged
-
-    def _learn(self, saved: Any) -> None:
-        learn = self._snapshots.learn
-        for m, s in saved[0]:
-            learn(m, s)
-
-    def _restore(self, saved: Any) -> None:
-        states, results, logged = saved
-        if results is not None:
-            for key in [k for k in results if k not in logged]:
-                del results[key]
-        restore = self._snapshots.restore
-        for m, s in states:
-            restore(m, s)
-        scaler = getattr(getattr(self._strategy, "precision_plugin", None), "scaler", None)
-        states = getattr(scaler, "_per_optimizer_states", None)
-        if isinstance(states, dict) and self._trainer is not None:
-            for opt in self._trainer.optimizers:
-                states.pop(id(opt), None)
+    def _owner_listed(self, trainer: pl.Trainer) -> bool:
+        return self.owner is None or self.owner in trainer.callbacks  # type: ignore[attr-defined]
 
     def _ddp(self) -> DistributedDataParallel | None:
         model = getattr(self._strategy, "model", None)
         return model if isinstance(model, DistributedDataParallel) else None
 
-    # ------------------------------------------------------------------ training
-
-    def _wrap_train(self, original: Callable[..., Any], backward: Callable[..., Any]) -> Callable[..., Any]:
-        return functools.partial(self._training_step, original, backward)
+    def _params(self) -> list[torch.Tensor]:
+        # The gradients the closure's zero_grad would wipe: the optimizer's (read when needed, so parameter groups
+        # added by an unfreezing schedule are seen at once; no module walk).
+        optimizer = self._strategy.optimizers[0]
+        return [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
 
     def _forward(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         ctx = None if self.forward_context is None else self.forward_context(args[0] if args else None)
@@ -322,6 +247,39 @@ class StepHook:
             return fn(*args, **kwargs)
         with ctx:
             return fn(*args, **kwargs)
+
+    def _skip_backward(self) -> bool:
+        # Lightning's flag for epochs that run forward only (SWA's BatchNorm update); read on the OOM path only.
+        return bool(getattr(self._installed_trainer().fit_loop, "_skip_backward", False))
+
+    # ------------------------------------------------------------------ training
+
+    def _wrap_train(self, original: Callable[..., Any], backward: Callable[..., Any]) -> Callable[..., Any]:
+        return functools.partial(self._training_step, original, backward)
+
+    def _train_plan(self, trainer: pl.Trainer, epoch_loop: Any) -> _TrainPlan:
+        """What a training step reads from the Trainer that holds for an epoch, looked up again on each epoch's
+        first batch: accumulation can change there (``GradientAccumulationScheduler``), and so can the module's
+        buffers and metrics (:meth:`StepState.refresh`)."""
+        strategy = self._strategy
+        module = strategy.lightning_module
+        self.state.refresh(trainer)
+        # The training loop's results (what `trainer._results` resolves to here, without its state checks).
+        results = getattr(epoch_loop, "_results", None)
+        world = trainer.world_size
+        ddp = self._ddp() if world > 1 else None
+        return _TrainPlan(
+            epoch_loop=epoch_loop,
+            hooked=bool(module.automatic_optimization)
+            and bool(strategy.optimizers)
+            and not getattr(strategy, "handles_gradient_accumulation", False)
+            and self._owner_listed(trainer),
+            accumulate=trainer.accumulate_grad_batches,
+            results=results if results is not None else getattr(trainer, "_results", None),
+            ddp=ddp,
+            ddp_params=ddp_params(ddp) if ddp is not None else [],
+            lockstep=world > 1 and ddp is None,
+        )
 
     def _training_step(
         self, original: Callable[..., Any], backward: Callable[..., Any], /, *args: Any, **kwargs: Any
@@ -332,7 +290,7 @@ class StepHook:
         self._stage = "train"
         self._retry = None
         if self._pending is not None:
-            self._warn_once("pending", "tiercache oom: backward was skipped after a training step; dropping its grads")
+            self._warn_once("pending", "tiercache oom: backward was skipped after a split training step; dropped it")
             self._pending = None
         epoch_loop = trainer.fit_loop.epoch_loop
         batch_idx = epoch_loop.batch_idx
@@ -341,18 +299,30 @@ class StepHook:
             plan = self._plan = self._train_plan(trainer, epoch_loop)
         if not (self.config.enabled and args and plan.hooked):
             return self._forward(original, *args, **kwargs)
-        window_start = batch_idx % plan.accumulate == 0
-        if not (window_start and plan.world == 1 and self.train_policy.micro_batches == 1):
-            step = _Step(original, backward, args, kwargs, plan.accumulate, plan.results)
-            return self._split_step(step, plan.world, window_start, None)
-        # Note: [fast path] one process, one micro-batch, first batch of an accumulation window: the step runs as if
-        # the hook were not there (forward here, backward in the closure), after a snapshot of what it may log. An
-        # OOM in forward rolls back and splits here; one in the closure's backward drops the failed graph, rolls
-        # back and runs the split step inside that `backward` call (see `_wrap_backward`). This runs every step,
-        # so it is written out inline, and what a retry needs waits in a tuple (fields of `_Step`, in order).
-        buffers = self._parts[0]  # looked up on the epoch's first batch (see `_train_plan`)
-        clones = [b.detach().clone() for b in buffers] if buffers else None
-        saved = self._save(plan.results)
+        ddp = plan.ddp
+        step = Step(
+            original,
+            backward,
+            args,
+            kwargs,
+            plan.accumulate,
+            plan.results,
+            window_start=batch_idx % plan.accumulate == 0,
+            synced=ddp is not None and bool(ddp.require_backward_grad_sync),
+            forward_sync=ddp is not None and bool(ddp.require_forward_param_sync),
+        )
+        if plan.lockstep:
+            self._warn_once(
+                "strategy",
+                f"tiercache oom: {type(self._strategy).__name__} is not DDP; every step runs as micro-batches with "
+                "cross-rank agreement, and an OOM inside the strategy's own collectives can still leave ranks waiting",
+            )
+            return self._split_step(step, agreed=True, failed=None)
+        if self.train_policy.micro_batches > 1:
+            return self._split_step(step, agreed=step.synced, failed=None)
+        # Note: [fast path] an unsplit step runs as if the hook were not there (forward here, backward in the
+        # closure), after a snapshot of what it may log or update. It runs every step, so it is written out inline.
+        step.saved = self.state.save(plan.results, buffers=True)
         out, failed = None, None
         try:
             ctx = None if self.forward_context is None else self.forward_context(args[0])
@@ -366,179 +336,171 @@ class StepHook:
             if failed is None:
                 raise
         # Note: [oom references] the exception and its frames are gone here.
-        retry = (original, backward, args, kwargs, plan.accumulate, plan.results, clones, saved)
         if failed is None:
             if out is None:  # a skipped batch: no backward follows
                 self.train_policy.on_success()
             else:
-                self._retry = retry
+                self._retry = step
             return out
-        step = _Step(*retry)
-        self._rollback(step)
-        return self._split_step(step, 1, True, failed)
+        if step.synced and ddp is not None and not self._skip_backward():
+            # The other ranks are about to all-reduce their gradients: take part with zeros, through Lightning's own
+            # backward of this zero loss; the flag after it makes every rank retry (Note: [completing the buckets]).
+            step.failed = failed
+            self._retry = step
+            return zero_forward(ddp, plan.ddp_params)
+        self.state.restore(step.saved, trainer)
+        return self._split_step(step, agreed=False, failed=failed)
 
-    def _train_plan(self, trainer: pl.Trainer, epoch_loop: Any) -> _TrainPlan:
-        """What a training step reads from the Trainer that holds for an epoch, looked up again on each epoch's
-        first batch: accumulation can change there (``GradientAccumulationScheduler``), and so can the module's
-        buffers and metrics (:meth:`_module_parts`)."""
-        strategy = self._strategy
-        module = strategy.lightning_module
-        self._module_parts()
-        # The training loop's results (what `trainer._results` resolves to here, without its state checks).
-        results = getattr(epoch_loop, "_results", None)
-        return _TrainPlan(
-            epoch_loop=epoch_loop,
-            hooked=bool(module.automatic_optimization)
-            and bool(strategy.optimizers)
-            and not getattr(strategy, "handles_gradient_accumulation", False),
-            accumulate=trainer.accumulate_grad_batches,
-            world=trainer.world_size,
-            results=results if results is not None else getattr(trainer, "_results", None),
-        )
-
-    def _rollback(self, step: _Step) -> None:
-        for b, v in zip(self._parts[0], step.buffers or [], strict=True):
-            b.copy_(v)
-        self._restore(step.saved)
-        step.buffers = step.saved = None
-
-    def _params(self, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-        # The gradients the closure's zero_grad would wipe: the optimizer's (read per step, so parameter groups
-        # added by an unfreezing schedule are seen at once; no module walk).
-        return [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
-
-    def _micro_step(self, step: _Step) -> Callable[[Any, float], Any]:
-        batch, rest, kwargs, accumulate = step.args[0], step.args[1:], step.kwargs, step.accumulate
-        optimizer = self._strategy.optimizers[0]
-
-        def micro_step(part: Any, scale: float) -> Any:
-            if part is not batch:  # Lightning set the whole batch before this call
-                self._set_log_batch(part, step.results)
-            out = self._forward(step.original, part, *rest, **kwargs)
-            loss = out.get("loss") if isinstance(out, Mapping) else out
-            if isinstance(loss, torch.Tensor):
-                scaled = loss if scale == 1.0 else loss * scale
-                step.backward(scaled if accumulate == 1 else scaled / accumulate, optimizer)
-            return _detach(out)
-
-        return micro_step
-
-    def _split_step(self, step: _Step, world: int, window_start: bool, failed: str | None) -> Any:
+    def _split_step(self, step: Step, *, agreed: bool, failed: str | None) -> Any:
         """Run the step through the micro-batch runner: forward and backward here, gradients handed to the
         closure's ``backward`` (Note: [no hang] under DDP)."""
-        params = self._params(self._strategy.optimizers[0])
+        params = self._params()
         # Note: [stale grads] on the first batch of an accumulation window Lightning zeroes the grads right after
         # this call; release them now so a failed attempt's memory does not sit next to stale gradients.
-        if window_start:
+        if step.window_start:
             for p in params:
                 p.grad = None
-        ddp = self._ddp() if world > 1 else None
-        if ddp is None and world > 1:
-            self._warn_once(
-                "strategy",
-                f"tiercache oom: {type(self._strategy).__name__} is not DDP; micro-batching works, but an OOM on one "
-                "rank in backward can leave the other ranks waiting in the strategy's own collectives",
-            )
+        ddp = self._ddp() if self._installed_trainer().world_size > 1 else None
         must_sync = ddp is not None and bool(ddp.require_backward_grad_sync)
-        result = self._run_split(step, params, failed, ddp=ddp, combine=False)
+        result = self._run_split(step, params, failed, ddp=ddp, agreed=agreed, combine=False)
         if result.grads is None:  # run_train(combine=False) always returns the step's grads
             raise RuntimeError("tiercache oom: the micro-batch runner returned no gradients")
         if all(o is None for o in result.outputs):
             return None
-        self._pending = _PendingGrads(params, result.grads, ddp, must_sync)
-        return self._combine(result)
+        self._pending = PendingGrads(params, result.grads, ddp, must_sync)
+        return combine_outputs(result, self.config, self._warn_once)
 
-    def _combine(self, result: StepResult) -> Any:
-        if len(result.outputs) == 1:
-            return result.outputs[0]
-        pairs = [(o, s) for o, s in zip(result.outputs, result.sizes, strict=True) if o is not None]
-        outs, sizes = [o for o, _ in pairs], [s for _, s in pairs]
-        total = sum(sizes)
-        share = (lambda s: s / total) if self.config.loss_reduction == "mean" else (lambda s: 1.0)
-        losses: list[Any] = [o.get("loss") if isinstance(o, Mapping) else o for o in outs]
-        loss = torch.stack([lo * share(s) for lo, s in zip(losses, sizes, strict=True)]).sum()
-        if not isinstance(outs[0], Mapping):
-            return loss
-        extras = [{k: v for k, v in o.items() if k != "loss"} for o in outs]
+    def _run_split(
+        self,
+        step: Step,
+        params: list[torch.Tensor],
+        failed: Failure | str | None,
+        *,
+        ddp: Any,
+        agreed: bool,
+        combine: bool,
+    ) -> StepResult:
+        """The micro-batch runner on ``step``'s batch (``failed``: the unsplit attempt's OOM, rolled back)."""
+        trainer = self._installed_trainer()
+        self.state.refresh(trainer)
+        optimizer = self._strategy.optimizers[0]
+        micro_step = micro_step_of(step, optimizer, self._forward, backward=not self._skip_backward())
         try:
-            merged = merge_outputs(extras, sizes, self.config.merge_fn)
-        except BatchSplitError:
-            self._warn_once("extras", "tiercache oom: cannot merge training_step extras; kept the last micro-batch's")
-            merged = extras[-1]
-        return {"loss": loss, **merged}
+            return self._runner(self.train_policy, agreed=agreed).run_train(
+                step.args[0],
+                micro_step,
+                params,
+                ddp=ddp,
+                buffers=self.state.buffers or (),
+                save=lambda: self.state.save(step.results, buffers=False),
+                restore=lambda saved: self.state.restore(saved, trainer),
+                combine=combine,
+                failed=failed,
+                forward_sync=step.forward_sync if ddp is not None else None,
+            )
+        finally:
+            set_log_batch(step.results, step.args[0])
 
     def _wrap_backward(self, original: Callable[..., Any]) -> Callable[..., Any]:
         def backward(closure_loss: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            retry, self._retry = self._retry, None
-            if retry is not None:  # the backward of an unsplit step (Note: [fast path]), inline: it runs every step
-                failed = None
-                try:
-                    out = original(closure_loss, *args, **kwargs)
-                except Exception as exc:
-                    failed = oom_message(exc)
-                    if failed is None:
-                        raise
-                if failed is not None:  # Note: [oom references] outside the `except`: the exception is gone
-                    return self._unsplit_backward_failed(retry, closure_loss, failed)
-                self._learn(retry[-1])  # the `saved` field
-                self.train_policy.on_success()
-                return out
+            step, self._retry = self._retry, None
+            if step is not None:  # the backward of an unsplit step (Note: [fast path])
+                return self._unsplit_backward(step, original, closure_loss, args, kwargs)
             pending, self._pending = self._pending, None
             if pending is None:
                 return original(closure_loss, *args, **kwargs)
-            for p, g in zip(pending.params, pending.grads, strict=True):
-                if g is None:
-                    continue
-                if p.grad is None:
-                    p.grad = g
-                else:
-                    p.grad.add_(g)
-            if pending.must_sync and pending.ddp is not None:
-                sync_gradients(pending.params, pending.ddp.process_group, self.config.sync_bucket_bytes)
-                pending.ddp.require_forward_param_sync = True
+            pending.apply(self.config.sync_bucket_bytes)
             return closure_loss
 
         return backward
 
-    def _unsplit_backward_failed(self, retry: tuple[Any, ...], closure_loss: torch.Tensor, failed: str) -> Any:
-        """The closure's backward of an unsplit step ran out of memory: the step again, split (Note: [fast path])."""
-        step = _Step(*retry)
+    def _unsplit_backward(
+        self,
+        step: Step,
+        original: Callable[..., Any],
+        closure_loss: torch.Tensor,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        """Lightning's backward of an unsplit step; on an OOM here (or, under DDP, on any rank in this step) the
+        step again, split."""
+        plan = self._plan
+        ddp = plan.ddp if plan is not None and step.synced else None
+        marks = GradMarks(plan.ddp_params) if ddp is not None and plan is not None and step.failed is None else None
+        prior = None
+        if not step.window_start:  # gradients of earlier batches of the window are in `.grad`
+            prior = self._protect_accumulated()
+        failed = step.failed
+        out = None
+        try:
+            out = original(closure_loss, *args, **kwargs)
+        except Exception as exc:
+            failed = oom_message(exc)
+            if failed is None:
+                raise
+        # Note: [oom references] outside the `except`: the exception is gone.
+        if failed is not None and step.failed is None and ddp is not None and marks is not None and plan is not None:
+            finish_backward(ddp, plan.ddp_params, marks, closure_loss)
+        size = batch_size_of(step.args[0]) or 1
+        here = failed is not None
+        if ddp is not None:
+            oom, at_one, batch_max = step_failed(here, here and size <= 1, size, self._flag_group)
+        else:
+            oom, at_one, batch_max = here, here and size <= 1, size
+        if not oom:
+            if step.saved is not None:
+                self.state.learn(step.saved)
+            self.train_policy.on_success()
+            return out
+        return self._retry_split(step, closure_loss, prior, Failure(failed, at_one, batch_max), ddp)
+
+    def _protect_accumulated(self) -> list[torch.Tensor | None] | None:
+        """A copy of the gradients accumulated by the window's earlier batches, which a failed backward would
+        change in place (``OOMConfig.protect_accumulated_grads``); ``None`` when off."""
+        if not self.config.protect_accumulated_grads:
+            return None
+        return [None if p.grad is None else p.grad.detach().clone() for p in self._params()]
+
+    def _retry_split(
+        self,
+        step: Step,
+        closure_loss: torch.Tensor,
+        prior: list[torch.Tensor | None] | None,
+        failure: Failure,
+        ddp: DistributedDataParallel | None,
+    ) -> Any:
+        """The unsplit step failed (here or on another rank): drop it, roll back, and run it split."""
+        from lightning_tiercache.errors import OOMRecoveryError
+
         # Note: [oom references] the closure still holds the loss, and through it the failed graph's saved
         # tensors: cut it loose so the retry has that memory. A view cannot be detached in place (it is kept).
         with contextlib.suppress(RuntimeError):
             closure_loss.detach_()
-        params = self._params(self._strategy.optimizers[0])
-        for p in params:  # the window's first batch: Lightning zeroed them just before this backward
-            p.grad = None
-        self._rollback(step)
+        params = self._params()
+        if step.window_start:  # Lightning zeroed them just before this backward
+            for p in params:
+                p.grad = None
+        elif prior is not None:
+            for p, g in zip(params, prior, strict=True):
+                p.grad = g
+        else:
+            raise OOMRecoveryError(
+                f"out of memory in backward of batch {self._installed_trainer().fit_loop.epoch_loop.batch_idx}, "
+                "inside a gradient accumulation window, with OOMConfig(protect_accumulated_grads=False): the "
+                "gradients accumulated so far cannot be rolled back. Turn protect_accumulated_grads on, or lower "
+                "the batch size."
+            )
+        trainer = self._installed_trainer()
+        if step.saved is not None:
+            self.state.restore(step.saved, trainer)
         # `self.log` names values after the hook Lightning is in: this is still the training step's work.
         module = self._strategy.lightning_module
         fx, module._current_fx_name = module._current_fx_name, "training_step"
         try:
-            self._run_split(step, params, failed, combine=True)
+            self._run_split(step, params, failure, ddp=ddp, agreed=ddp is not None, combine=True)
         finally:
             module._current_fx_name = fx
         return closure_loss
-
-    def _run_split(
-        self, step: _Step, params: list[torch.Tensor], failed: str | None, *, ddp: Any = None, combine: bool
-    ) -> StepResult:
-        """The micro-batch runner on ``step``'s batch (``failed``: the unsplit attempt's OOM, rolled back)."""
-        self._module_parts()
-        try:
-            return self._runner(self.train_policy).run_train(
-                step.args[0],
-                self._micro_step(step),
-                params,
-                ddp=ddp,
-                buffers=self._parts[0],
-                save=lambda: self._save(step.results),
-                restore=self._restore,
-                combine=combine,
-                failed=failed,
-            )
-        finally:
-            self._set_log_batch(step.args[0], step.results)
 
     # ------------------------------------------------------------------ eval
 
@@ -546,36 +508,51 @@ class StepHook:
         stage = name.removesuffix("_step")
 
         def eval_step(*args: Any, **kwargs: Any) -> Any:
-            if not (self.config.enabled and self.config.split_eval) or not args:
+            trainer = self._installed_trainer()
+            if not (self.config.enabled and self.config.split_eval and args and self._owner_listed(trainer)):
                 return original(*args, **kwargs)
             self._stage = stage
-            batch, rest = args[0], args[1:]
-            self._module_parts()
-            results = getattr(self._trainer, "_results", None)
+            self.state.refresh(trainer)
+            results = getattr(trainer, "_results", None)
+            # Eval synchronizes no gradients: a rank splits on its own, unless the forward itself communicates.
+            agreed = self._eval_agreed
             failed: str | None = None
-            # Note: [fast path] for eval: one process, one micro-batch: the step runs as is after a snapshot.
-            if self.eval_policy.micro_batches == 1 and self._installed_trainer().world_size == 1:
-                saved = self._save(results)
+            # Note: [fast path] for eval: one micro-batch: the step runs as is after a snapshot.
+            if self.eval_policy.micro_batches == 1 and not agreed:
+                saved = self.state.save(results, buffers=False)
                 out, failed = attempt(original, *args, **kwargs)
                 if failed is None:
-                    self._learn(saved)
+                    self.state.learn(saved)
                     self.eval_policy.on_success()
                     return out
-                self._restore(saved)
+                self._eval_restore(saved, trainer)
                 del saved
+            batch, rest = args[0], args[1:]
 
             def micro_step(part: Any) -> Any:
                 if part is not batch:
-                    self._set_log_batch(part, results)
+                    set_log_batch(results, part)
                 return original(part, *rest, **kwargs)
 
-            runner = self._runner(self.eval_policy)
+            runner = self._runner(self.eval_policy, agreed=agreed)
             try:
                 result = runner.run_eval(
-                    batch, micro_step, save=lambda: self._save(results), restore=self._restore, failed=failed
+                    batch,
+                    micro_step,
+                    save=lambda: self.state.save(results, buffers=False),
+                    restore=lambda saved: self._eval_restore(saved, trainer),
+                    failed=failed,
                 )
             finally:
-                self._set_log_batch(batch, results)
+                set_log_batch(results, batch)
             return runner.merge(result)
 
         return eval_step
+
+    def _eval_restore(self, saved: Any, trainer: pl.Trainer) -> None:
+        self.state.restore(saved)
+        # Note: [local retries] a failed DDP forward (validation inside fit) broadcast buffers already; the
+        # retry on this rank alone must not, as DDP's own eval forward would have turned it off anyway.
+        ddp = self._ddp()
+        if ddp is not None and trainer.state.fn == "fit":
+            ddp.require_forward_param_sync = False

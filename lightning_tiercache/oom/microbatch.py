@@ -1,18 +1,26 @@
 """Run one step as micro-batches with OOM retry: the engine under the strategy hook, usable without Lightning.
 
 A training step runs forward and backward of each micro-batch in turn; each micro-batch loss is scaled by its
-share of the batch, so the summed gradient equals the unsplit step's (up to summation order). Under DDP all
-micro-batches run under ``no_sync`` and the gradients are all-reduced once, after every rank finished and
-agreed that nobody ran out of memory (see Note: [no hang]). Eval steps keep the outputs of micro-batches
-that succeeded and split only what is left.
+share of the batch, so the summed gradient equals the unsplit step's (up to summation order). Eval steps keep
+the outputs of micro-batches that succeeded and split only what is left. The runner only runs steps that are
+split (after an OOM, or when asked for micro-batches); a step that is not split is the framework's own.
 
 Note: [no hang] DDP's own reducer launches gradient all-reduces from inside backward. If one rank runs out of
-memory half-way through backward, the others wait in those all-reduces forever. So the hook never lets the
-reducer communicate: every forward and backward runs under ``no_sync``, every rank calls
-:meth:`RankAgreement.max` after every micro-batch (whether it ran out of memory or not), and
+memory half-way through a split step's backward, the others would wait in those all-reduces forever. So a
+split step under DDP never lets the reducer communicate: every forward and backward runs under ``no_sync``,
+every rank calls :meth:`RankAgreement.max` after every micro-batch (whether it ran out of memory or not), and
 :func:`sync_gradients` reduces the gradients once at the end, with the same ``* (1 / world)`` then SUM that
 DDP's reducer uses. Module buffers are broadcast by DDP's forward as usual, and every rank runs the same
-number of forwards, so those collectives match too.
+number of forwards, so those collectives match too. Steps that synchronize nothing (eval, and training steps
+inside DDP's ``no_sync``) need no agreement: they run with :class:`~lightning_tiercache.oom.recovery.LocalAgreement`
+and split on one rank alone.
+
+Note: [local retries] A DDP forward broadcasts module buffers when the previous forward synchronized
+gradients. An attempt that runs out of memory has already broadcast; a retry that only this rank runs must not
+broadcast again (the other ranks would not join it), so with a rank-local agreement every attempt after the
+first runs with ``require_forward_param_sync`` off. On ranks other than 0 the buffers restored before that
+retry are the ones from before the broadcast, so they can differ from rank 0's until the next synchronized
+step broadcasts again; parameters and gradients are unaffected.
 
 Note: [oom references] Recovery runs outside the ``except`` block: the exception, its traceback and the frames
 holding the failed attempt's activations are gone before gradients are rolled back and caches are emptied.
@@ -31,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from lightning_tiercache.errors import OOMRecoveryError
+from lightning_tiercache.oom.buffers import BufferSnapshot
 from lightning_tiercache.oom.recovery import (
     NEXT_STEPS,
     MicroBatchPolicy,
@@ -43,7 +52,7 @@ from lightning_tiercache.oom.recovery import (
 )
 from lightning_tiercache.oom.split import SplitFn, batch_size_of, merge_outputs, split_batch
 
-__all__ = ["MicroBatchRunner", "StepResult", "attempt", "micro_batches", "oom_message", "sync_gradients"]
+__all__ = ["Failure", "MicroBatchRunner", "StepResult", "attempt", "micro_batches", "oom_message", "sync_gradients"]
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +103,10 @@ def oom_message(exc: BaseException) -> str | None:
     return f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
 
 
-def attempt(fn: Callable[..., Any], *args: Any) -> tuple[Any, str | None]:
-    """Call ``fn``; return ``(result, None)``, or ``(None, message)`` if it ran out of memory."""
+def attempt(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, str | None]:
+    """Call ``fn(*args, **kwargs)``; return ``(result, None)``, or ``(None, message)`` if it ran out of memory."""
     try:
-        return fn(*args), None
+        return fn(*args, **kwargs), None
     except Exception as exc:
         message = oom_message(exc)
         if message is None:
@@ -157,6 +166,21 @@ def sync_gradients(params: Sequence[torch.Tensor], group: Any = None, bucket_byt
         for g in bucket:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
+
+
+@dataclasses.dataclass(frozen=True)
+class Failure:
+    """A whole-batch attempt the caller already ran at the learned split, that ran out of memory somewhere.
+
+    Args:
+        message: this rank's OOM message, or ``None`` if the OOM was on another rank.
+        at_size_one: (agreed over ranks) some rank ran out of memory on a batch of one sample.
+        batch_size: (agreed over ranks) the largest batch size of the attempt.
+    """
+
+    message: str | None
+    at_size_one: bool = False
+    batch_size: int = 1
 
 
 class _Agreed(NamedTuple):
@@ -227,6 +251,15 @@ class MicroBatchRunner:
             f"Memory: {memory_summary(self.device)}. Try: {NEXT_STEPS}."
         )
 
+    def _buffer_snapshot(self, buffers: BufferSnapshot | Sequence[torch.Tensor]) -> BufferSnapshot | None:
+        if not self.config.restore_buffers:
+            return None
+        if isinstance(buffers, BufferSnapshot):
+            return buffers
+        if not buffers:
+            return None
+        return BufferSnapshot([(str(i), b) for i, b in enumerate(buffers)], self.config.buffer_copy_bytes)
+
     # ------------------------------------------------------------------ training
 
     def run_train(
@@ -236,11 +269,12 @@ class MicroBatchRunner:
         params: Sequence[torch.Tensor],
         *,
         ddp: Any = None,
-        buffers: Sequence[torch.Tensor] = (),
+        buffers: BufferSnapshot | Sequence[torch.Tensor] = (),
         save: Callable[[], Any] | None = None,
         restore: Callable[[Any], None] | None = None,
         combine: bool = True,
-        failed: str | None = None,
+        failed: Failure | str | None = None,
+        forward_sync: bool | None = None,
     ) -> StepResult:
         """Run forward and backward of ``batch`` as micro-batches; retry on OOM per the ladder.
 
@@ -251,13 +285,19 @@ class MicroBatchRunner:
             params: the parameters whose ``.grad`` the step accumulates into.
             ddp: a ``DistributedDataParallel`` module: micro-batches run under ``no_sync`` and the gradients are
                 synced once at the end (if it would have synced).
-            buffers: module buffers to snapshot and restore after a failed attempt.
+            buffers: module buffers to snapshot and restore after a failed attempt (a
+                :class:`~lightning_tiercache.oom.buffers.BufferSnapshot`, or the buffers: then one is built for
+                this call).
             save: snapshot of caller state (logged metrics) taken before the step; ``restore`` rolls back to it.
             combine: add the step's gradients to the ones present before (and sync them); with ``False`` leave
                 ``.grad`` as it was and return the step's gradients in ``StepResult.grads``.
-            failed: the caller already ran the whole batch at the learned split, it ran out of memory with this
-                message, and the caller rolled back (``save`` is the state from before that attempt). The
-                runner goes on from that failure instead of trying the same split again. Single process only.
+            failed: the caller already ran the whole batch at the learned split and it ran out of memory (a
+                message: on this process; a :class:`Failure`: agreed over ranks), and the caller rolled back
+                (``save`` is the state from before that attempt). The runner goes on from that failure instead
+                of trying the same split again.
+            forward_sync: ``ddp.require_forward_param_sync`` for each attempt (``None``: its value now). With a
+                rank-local agreement only the first attempt may broadcast buffers: the others run on this rank
+                alone (see Note: [local retries]).
 
         Raises:
             OOMRecoveryError: out of memory at micro-batch size 1; ``.grad`` is back to what it was before.
@@ -265,10 +305,13 @@ class MicroBatchRunner:
         prior = [p.grad for p in params]
         for p in params:
             p.grad = None
-        snap = [b.detach().clone() for b in buffers] if self.config.restore_buffers else []
+        snap = self._buffer_snapshot(buffers)
+        if snap is not None:
+            snap.save()
         state = save() if save is not None else None
         must_sync = ddp is not None and bool(ddp.require_backward_grad_sync)
-        fwd_sync = bool(ddp.require_forward_param_sync) if ddp is not None else False
+        fwd_sync = bool(ddp.require_forward_param_sync) if ddp is not None and forward_sync is None else forward_sync
+        local = self.agreement.world_size == 1
         retries0 = alloc_retries(self.device)
         total = batch_size_of(batch) or 1
         demoted = False
@@ -281,13 +324,16 @@ class MicroBatchRunner:
             outputs: list[Any] = []
             oom: str | None = None
             agreed = _Agreed(False, False, k, k, total, False)
+            rerun = True
             if failed is not None:  # the caller's own attempt at this split; nothing to roll back again
-                oom, failed = failed, None
-                agreed = _Agreed(True, sizes[0] <= 1, k, k, total, False)
+                prior_failure = failed if isinstance(failed, Failure) else Failure(failed, sizes[0] <= 1, total)
+                oom, failed, rerun = prior_failure.message, None, False
+                agreed = _Agreed(True, prior_failure.at_size_one, k, k, max(total, prior_failure.batch_size), False)
             elif ddp is not None:
-                ddp.require_forward_param_sync = fwd_sync
+                # Note: [local retries] a retry agreed by no other rank must not broadcast buffers again.
+                ddp.require_forward_param_sync = bool(fwd_sync) and not (local and attempts > 1)
             with ddp.no_sync() if ddp is not None else contextlib.nullcontext():
-                for i in range(k if oom is None else 0):
+                for i in range(k if rerun else 0):
                     size = sizes[i] if i < len(parts) else 0
                     if i < len(parts):
                         out, oom = attempt(micro_step, parts[i], shares[i])
@@ -303,8 +349,8 @@ class MicroBatchRunner:
             del outputs, parts
             for p in params:
                 p.grad = None
-            for b, s in zip(buffers, snap, strict=False):
-                b.copy_(s)
+            if snap is not None:
+                snap.restore()
             if restore is not None:
                 restore(state)
             if agreed.mismatch:
@@ -347,14 +393,14 @@ class MicroBatchRunner:
         *,
         save: Callable[[], Any] | None = None,
         restore: Callable[[Any], None] | None = None,
-        failed: str | None = None,
+        failed: Failure | str | None = None,
     ) -> StepResult:
         """Run an eval step as micro-batches; on OOM keep what succeeded and split only the rest.
 
         ``save``/``restore`` wrap every micro-batch, so a micro-batch that runs out of memory after logging or
         updating a metric leaves no trace, and samples that succeeded are never run (or counted) twice.
         ``failed``: as in :meth:`run_train`, the caller's own attempt of the whole batch at one micro-batch ran
-        out of memory with this message and was rolled back (single process only).
+        out of memory and was rolled back.
 
         Raises:
             OOMRecoveryError: out of memory at micro-batch size 1.
@@ -376,10 +422,12 @@ class MicroBatchRunner:
             state = save() if save is not None else None
             oom: str | None
             if failed is not None:  # the caller's attempt of this very part
-                out, oom, failed = None, failed, None
+                prior_failure = failed if isinstance(failed, Failure) else Failure(failed, size <= 1, total)
+                out, oom, failed = None, prior_failure.message, None
+                agreed = _Agreed(True, prior_failure.at_size_one, k, k, max(total, prior_failure.batch_size), False)
             else:
                 out, oom = attempt(micro_step, part) if part is not None else (None, None)
-            agreed = self._agree(oom, size, k, total, retries0)
+                agreed = self._agree(oom, size, k, total, retries0)
             mismatch = agreed.mismatch and first
             if not (agreed.oom or mismatch):
                 if part is not None:

@@ -34,6 +34,7 @@ from lightning_tiercache.oom.split import MergeFn, SplitFn
 
 __all__ = [
     "LOSS_REDUCTIONS",
+    "LocalAgreement",
     "MicroBatchPolicy",
     "OOMConfig",
     "RankAgreement",
@@ -82,6 +83,11 @@ class OOMConfig:
         watch_alloc_retries: on CUDA, a rising ``num_alloc_retries`` (allocator thrashing) postpones grow-back.
         restore_buffers: snapshot module buffers (BatchNorm statistics) each step and restore them after a
             failed attempt, so a retried step updates them once.
+        buffer_copy_bytes: buffers up to this size are copied before each step; larger ones are only watched
+            (version counters), and a failed attempt that changed one in place is reported, not undone.
+        protect_accumulated_grads: with gradient accumulation, keep a copy of the gradients accumulated so far
+            during each later micro-step's backward, so an OOM there rolls back exactly (costs one copy of the
+            gradients per such step); ``False``: such an OOM raises ``OOMRecoveryError``.
         sync_bucket_bytes: bucket size of the one gradient all-reduce per step under DDP.
 
     Raises:
@@ -100,6 +106,8 @@ class OOMConfig:
     demote_on_oom: bool = True
     watch_alloc_retries: bool = True
     restore_buffers: bool = True
+    buffer_copy_bytes: int = 2**20
+    protect_accumulated_grads: bool = True
     sync_bucket_bytes: int = 25 * 2**20
 
     def __post_init__(self) -> None:
@@ -109,6 +117,7 @@ class OOMConfig:
             ("grow_back_after_steps", 0),
             ("max_backoff_exponent", 0),
             ("sync_bucket_bytes", 1),
+            ("buffer_copy_bytes", 0),
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -216,6 +225,18 @@ class RankAgreement:
         t = torch.tensor([int(v) for v in values], dtype=torch.int64, device=self._device())
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         return [int(v) for v in t.tolist()]
+
+
+class LocalAgreement(RankAgreement):
+    """The agreement of a step that synchronizes nothing across ranks: this rank's own values, no collective.
+
+    Eval steps and training steps inside DDP's ``no_sync`` use it, so one rank can split its batch alone and no
+    collective depends on the ranks seeing the same number of batches.
+    """
+
+    @property
+    def world_size(self) -> int:
+        return 1
 
 
 @dataclasses.dataclass
