@@ -192,6 +192,19 @@ class TieredLayer(DynamicLayer):
         self._tail = full[..., start:, :] if start < self._length else None
         return self.keys, self.values
 
+    def adopt(self, full: torch.Tensor, length: int) -> None:
+        """Take served K/V: ``full`` is ``[2, B, H, capacity, D]`` with its first ``length`` columns filled.
+
+        Without offload the spare capacity is the growable buffer's headroom (Note: [growable buffer]).
+        """
+        self.lazy_initialization(full[0, :, :, :length], full[1, :, :, :length])
+        if self._shared.config.offload:
+            self._set_full(full[..., :length, :])
+            return
+        self._full = full
+        self._length = length
+        self.keys, self.values = full[0, :, :, :length], full[1, :, :, :length]
+
     def _evict(self) -> None:
         """Drop the assembled device copy; the store keeps the blocks, a clone keeps the short tail."""
         if self._full is None:
