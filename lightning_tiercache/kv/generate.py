@@ -4,7 +4,8 @@
 ``LightningModule``, say) and wraps each one's ``generate``: when the caller passes no cache, a fresh
 :class:`TieredKVCache` over one shared store is made, the prompt's stored prefix is loaded (reuse), and the
 cache is passed on. The returned :class:`GenerateHook` undoes the wrapping, prefetches a coming batch's
-prefix blocks and bumps the model version after weight updates.
+prefix blocks, scores prompts with prefix reuse (:meth:`GenerateHook.score`) and bumps the model version
+after weight updates.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 
 from lightning_tiercache.kv.cache import COUNTERS, KVConfig, TieredKVCache, cache_kwarg
+from lightning_tiercache.kv.scoring import Scored, score_forward
 from lightning_tiercache.store.placement import TierStore
 
 __all__ = ["GenerateHook", "find_hf_models", "tier_generate"]
@@ -97,6 +99,46 @@ class GenerateHook:
                 cache = self._prefetchers[id(m)] = self.make_cache(m)
             total += cache.prefetch_for(input_ids, attention_mask)
         return total
+
+    def score(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        model: torch.nn.Module | None = None,
+        logits_from: int | None = None,
+        **forward_kwargs: Any,
+    ) -> Scored:
+        """A forward over a prompt batch that is served its stored prefix blocks (see :func:`score_forward`).
+
+        For log-likelihood evals: ``validation_step`` calls this instead of ``model(input_ids, ...)``; the
+        few-shot context shared by choices and questions is computed once and served after that.
+
+        Args:
+            input_ids: ``[batch, seq]``.
+            attention_mask: ``[batch, seq]``, 0 on padding (either side).
+            model: which wrapped model to run; may be left out when the hook wraps one.
+            logits_from: the first column whose logits are needed.
+            forward_kwargs: passed on to the model.
+
+        Raises:
+            ValueError: ``model`` is left out and the hook wraps several models (or none).
+        """
+        if model is None:
+            if len(self._models) != 1:
+                raise ValueError(f"this hook wraps {len(self._models)} models; pass model= to score()")
+            model = self._models[0]
+        cache = self.make_cache(model)
+        try:
+            return score_forward(
+                model, input_ids, attention_mask, cache=cache, logits_from=logits_from, **forward_kwargs
+            )
+        finally:
+            cache.close()
+
+    def used_blocks(self) -> bool:
+        """Whether the caches of this hook stored or were served any prefix block."""
+        return self.counts["stored_blocks"] + self.counts["hits"] > 0
 
     def set_model_version(self, version: str | int) -> None:
         """Caches made from now on use ``version``; blocks of older versions are never served."""

@@ -334,7 +334,7 @@ class TierCacheCallback(Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._release()
+        self._release(keep_kv=stage in _EVAL_STAGES)  # Note: [KV across stages] (runtime)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -563,8 +563,9 @@ class TierCacheCallback(Callback):
 
     # ------------------------------------------------------------------ release
 
-    def _release(self) -> None:
-        """Close every part and the store (spill files deleted); keep the state for a later stage."""
+    def _release(self, keep_kv: bool = False) -> None:
+        """Close every part and the store (spill files deleted; with ``keep_kv`` a store holding KV prefix
+        blocks is kept for the next eval stage); keep the state for a later stage."""
         self._state = self.state_dict()
         if self.store is not None:
             self._final_stats = self.stats()
@@ -573,7 +574,7 @@ class TierCacheCallback(Callback):
         wandb_bridge, self._wandb = self._wandb, None
         try:
             self._hide_from_progress_bar()
-            self.runtime.close()
+            self.runtime.close(keep_kv=keep_kv)
         finally:
             if self.copier is not None:
                 self.copier.uninstall()

@@ -4,6 +4,15 @@
 activation offloader (fit), the OOM step hook, and the ``generate`` hook that gives HF models a
 :class:`~lightning_tiercache.TieredKVCache`. The callback maps Lightning's hooks onto its methods; anything
 else that drives a training loop can do the same.
+
+Note: [KV across stages]
+    Closing after an eval stage whose caches stored or were served prefix blocks keeps the store (cache entries only:
+    every other part freed its entries) for the next eval :meth:`TierRuntime.open` with the same config, so
+    two ``validate()`` calls on unchanged weights reuse the first one's blocks. Block keys name the weights
+    by the fingerprint (or ``kv_model_version``) taken at each open, so blocks of other weights are never
+    found. A stage that trains never gets a kept store (the blocks would only hold memory training may
+    need, and a fit's blocks are never kept). A kept store is closed by the next open that does not reuse
+    it, by ``close()`` without ``keep_kv``, or when the runtime is collected.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ import importlib
 import importlib.util
 import logging
 import warnings
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -72,6 +82,8 @@ class TierRuntime:
         self.hook: Any = None
         self.kv: Any = None
         self._kv_base: str | None = None
+        self._kept: TierStore | None = None  # Note: [KV across stages]
+        self._closer: weakref.finalize | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         """A copy holds the configuration only: the store and the parts (threads, locks, files) stay here."""
@@ -85,7 +97,11 @@ class TierRuntime:
         if cfg.device is None:
             fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
             cfg = TierConfig(**{**fields, "device": "cpu" if device.type == "cpu" else str(device)})
-        self.store = store = TierStore(cfg)
+        kept, self._kept = self._kept, None
+        if kept is not None and (train or kept.config != cfg):
+            kept.close()
+            kept = None
+        self.store = store = kept if kept is not None else TierStore(cfg)
         self._kv_base = None
         if train and self.offload_options is not None and _available("activations.offloader", "activation offload"):
             from lightning_tiercache.activations.offloader import ActivationOffloader
@@ -161,12 +177,20 @@ class TierRuntime:
         if self.offloader is not None and state.get("activations"):
             self.offloader.load_state_dict(dict(state["activations"]))
 
-    def close(self) -> None:
+    def close(self, keep_kv: bool = False) -> None:
         """Uninstall the hooks, close the parts and the store (its spill folder is deleted). Idempotent.
 
         Every step runs even if an earlier one raised; the first error is re-raised at the end.
+
+        Args:
+            keep_kv: keep the store for the next eval open when KV prefix blocks were stored or served
+                (Note: [KV across stages]).
         """
         first: BaseException | None = None
+        keep = keep_kv and self.kv is not None and self.store is not None and self.kv.used_blocks()
+        if not keep_kv and self._kept is not None:
+            self._kept.close()
+            self._kept = None
         steps: list[Callable[[], Any]] = []
         if self.hook is not None:
             steps.append(self.hook.uninstall)
@@ -174,7 +198,7 @@ class TierRuntime:
             steps.append(self.kv.remove)
         if self.offloader is not None:
             steps.append(self.offloader.close)
-        if self.store is not None:
+        if self.store is not None and not keep:
             steps.append(self.store.close)
         for step in steps:
             try:
@@ -182,6 +206,11 @@ class TierRuntime:
             except Exception as err:
                 log.warning("tiercache: error while releasing %s: %s", step, err)
                 first = first or err
+        if keep and self.store is not None:
+            self._kept = self.store
+            held = self._closer.peek() if self._closer is not None else None
+            if held is None or held[2][0] is not self.store:  # one finalizer per kept store
+                self._closer = weakref.finalize(self, TierStore.close, self.store)
         self.store = self.offloader = self.hook = self.kv = None
         if first is not None:
             raise first

@@ -1,0 +1,87 @@
+"""KV prefix reuse through the callback: scoring in ``validation_step``, reuse across ``validate()`` calls on
+unchanged weights, and nothing stale after a training step."""
+
+from __future__ import annotations
+
+import gc
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_tiercache import TierCacheCallback
+from lightning_tiercache.kv.prefix import mask_positions
+from tests.kv_models import tiny_model
+
+BLK = 8
+CONTEXT = 40  # five blocks of few-shot context shared by every row
+
+
+def _rows(n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    context = torch.randint(3, 128, (CONTEXT,), generator=g)
+    rows = []
+    for _ in range(n):
+        ids = torch.cat([context, torch.randint(3, 128, (6,), generator=g)])
+        rows.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    return rows
+
+
+class Scorer(L.LightningModule):
+    """Scores each batch with prefix reuse and checks the logits against the uncached forward."""
+
+    def __init__(self, family: str = "llama") -> None:
+        super().__init__()
+        self.model = tiny_model(family)
+        self.stats: list[dict[str, Any]] = []
+        self.worst = 0.0
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        ids = batch["input_ids"]
+        return self.model(ids, labels=ids).loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        kv = TierCacheCallback.get(self.trainer).kv_cache
+        scored = kv.score(ids, mask, logits_from=CONTEXT)
+        ref = self.model(ids, attention_mask=mask, position_ids=mask_positions(mask)).logits[:, scored.start :]
+        self.worst = max(self.worst, (scored.logits - ref).abs().max().item())
+
+    def on_validation_epoch_end(self) -> None:
+        self.stats.append(dict(TierCacheCallback.get(self.trainer).kv_cache.stats()))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+
+def _trainer(cb: TierCacheCallback, tmp_path: Any, **kw: Any) -> L.Trainer:
+    return L.Trainer(
+        default_root_dir=tmp_path, accelerator="cpu", callbacks=[cb], logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0, **kw,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("kv_model_version", [None, "v1"])
+def test_second_validate_hits_and_nothing_stale_after_a_training_step(tmp_path, spill_parent, kv_model_version):
+    module = Scorer()
+    cb = TierCacheCallback(
+        kv_block_tokens=BLK, kv_model_version=kv_model_version, spill_dir=str(spill_parent),
+        device_bytes="16KiB", host_bytes="16KiB", disk_bytes="64MiB", oom_recovery=False,  # blocks spill to disk
+    )  # fmt: skip
+    val = DataLoader(_rows(4), batch_size=2)
+    for _ in range(3):
+        _trainer(cb, tmp_path).validate(module, val)
+    first, *later = module.stats
+    assert first["shared_prefill_blocks"] == 5 and first["stored_blocks"] > 0  # computed once, then served
+    for s in later:  # served from the first call's blocks, also after a call that only served
+        assert s["shared_prefill_blocks"] == 0 and s["stored_blocks"] == 0 and s["hits"] == 4 * 5
+    _trainer(cb, tmp_path, max_steps=1, limit_val_batches=0).fit(module, DataLoader(_rows(2, seed=1), batch_size=2))
+    _trainer(cb, tmp_path).validate(module, val)
+    third = module.stats[-1]
+    assert third["shared_prefill_blocks"] == 5  # new weights: the context is computed again, not served stale
+    assert module.worst <= 1e-5  # the served logits follow the trained weights too
+    del cb
+    gc.collect()
+    assert list(spill_parent.iterdir()) == []  # the kept store is closed with its callback
