@@ -2,9 +2,9 @@
 
 Two jobs, both exact by default:
 
-* **Tiering** (``KVConfig(offload=True)``): layers' K/V are full blocks in the store plus a short device tail
-  (:mod:`lightning_tiercache.kv.layers`); at most ``device_layers`` layers stay assembled on the device, and
-  while layer ``i`` computes the store is already bringing up layer ``i + 1``'s blocks.
+* **Tiering** (``KVConfig(offload=True)``): each layer's K/V is one store entry of its whole blocks, placed in
+  the host tier, plus a short device tail (:mod:`lightning_tiercache.kv.layers`); at most ``device_layers``
+  layers stay assembled on the device, and a layer is read back with one read-through ``get`` per step.
 * **Prefix reuse** (``KVConfig(reuse=True)``, the default): :meth:`TieredKVCache.load_prefix` looks up the
   prompt's chained block keys (:mod:`lightning_tiercache.kv.prefix`, padding ignored) and serves the blocks
   found (:mod:`lightning_tiercache.kv.reuse`), so the forward computes only the rest; the prompt's blocks are
@@ -138,10 +138,6 @@ class TieredKVCache(Cache):
         """Append new K/V of ``layer_idx`` and return the layer's whole K/V (as ``DynamicCache`` does)."""
         while len(self.layers) <= layer_idx:
             self.layers.append(TieredLayer(self._shared))
-        if self.config.offload:
-            nxt = self.layers[(layer_idx + 1) % len(self.layers)]
-            if isinstance(nxt, TieredLayer) and nxt._full is None:
-                self.store.prefetch(nxt._blocks)
         layer: Any = self.layers[layer_idx]
         keys, values = layer.update(key_states, value_states, *args, **kwargs)
         plan = self._plan

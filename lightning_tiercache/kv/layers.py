@@ -1,13 +1,18 @@
 """The pieces of :class:`~lightning_tiercache.kv.cache.TieredKVCache` below the cache: its config and its layers.
 
 A :class:`TieredLayer` is a ``transformers`` ``DynamicLayer`` that, with ``KVConfig(offload=True)``, keeps its
-K/V as full blocks of ``block_tokens`` tokens in the store plus a short tail, and holds the assembled K/V on
-the device only while it is among the ``device_layers`` most recently used layers.
+K/V in the store as one assembled entry of its first whole blocks plus a short device tail, and holds the
+assembled K/V on the device only while it is among the ``device_layers`` most recently used layers.
 
-Note: [new tokens only]
-    Each update hands the store only the blocks that the new tokens completed (clones, so no view keeps an
-    old assembled tensor alive); tokens after the last full block stay in a device tail until they fill a
-    block. On CUDA the store copies those blocks to the pinned host pool on a side stream.
+Note: [assembled layer]
+    A layer that is not resident is read back with one ``get`` of its stored entry (then one ``cat`` with
+    the tail and the new tokens), not one ``get`` per block per token. The read does not place the entry
+    back in the device tier (``get(place=False)``), so offloaded K/V stays off the device whatever the
+    store's device budget. When new tokens complete a block, the
+    layer's whole blocks so far are handed to the store as a new entry (a clone, so no view keeps the
+    assembled tensor alive) placed in the host tier (``tier=HOST``: on CUDA the store copies it to the pinned
+    host pool on a side stream and frees the device copy once the copy is done), and the old entry is freed.
+    That moves the layer down once per ``block_tokens`` tokens, against reading it up once per token.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from lightning_tiercache.kv.quant import QUANT_MODES
-from lightning_tiercache.store.placement import Handle, Kind, TierStore
+from lightning_tiercache.store.placement import Handle, Kind, Tier, TierStore
 
 # transformers 4.5x: lazy_initialization(key_states); 5.x: lazy_initialization(key_states, value_states).
 _LAZY_INIT_TAKES_VALUES = len(inspect.signature(DynamicLayer.lazy_initialization).parameters) >= 3
@@ -111,8 +116,9 @@ class TieredLayer(DynamicLayer):
         super().__init__()
         self._shared = shared
         self._length = 0
-        self._blocks: list[Handle] = []
-        self._tail: torch.Tensor | None = None  # [2, B, H, t, D], tokens after the last full block
+        self._stored: Handle | None = None  # [2, B, H, S, D]: the first S tokens, S a multiple of block_tokens
+        self._stored_len = 0
+        self._tail: torch.Tensor | None = None  # [2, B, H, t, D], tokens after the stored ones
         self._full: torch.Tensor | None = None  # [2, B, H, L, D] while assembled on the device
 
     def get_seq_length(self, *args: Any, **kwargs: Any) -> int:
@@ -165,10 +171,11 @@ class TieredLayer(DynamicLayer):
         return self.keys, self.values
 
     def _fetch(self) -> list[torch.Tensor]:
-        """This layer's stored blocks and tail, in token order (blocks come back from the store)."""
-        store = self._shared.store
-        parts = [store.get(h) for h in self._blocks]
-        self._shared.counts["bytes_loaded"] += sum(h.nbytes for h in self._blocks)
+        """This layer's stored entry and tail, in token order (Note: [assembled layer])."""
+        parts = []
+        if self._stored is not None:
+            parts.append(self._shared.store.get(self._stored, place=False))
+            self._shared.counts["bytes_loaded"] += self._stored.nbytes
         if self._tail is not None:
             parts.append(self._tail)
         return parts
@@ -181,15 +188,14 @@ class TieredLayer(DynamicLayer):
         if not self._shared.config.offload:
             return self.keys, self.values
         blk = self._shared.config.block_tokens
-        store = self._shared.store
-        for j in range(len(self._blocks), self._length // blk):
-            part = full[..., j * blk : (j + 1) * blk, :].clone()
-            h = store.put(part, kind=Kind.REQUIRED)
-            self._blocks.append(h)
+        whole = self._length // blk * blk
+        if whole > self._stored_len:  # Note: [assembled layer]
+            h = self._shared.store.put(full[..., :whole, :].clone(), kind=Kind.REQUIRED, tier=Tier.HOST)
+            self._drop_stored()
+            self._stored, self._stored_len = h, whole
             self._shared.working.add(h)
             self._shared.counts["bytes_offloaded"] += h.nbytes
-        start = len(self._blocks) * blk
-        self._tail = full[..., start:, :] if start < self._length else None
+        self._tail = full[..., self._stored_len :, :] if self._stored_len < self._length else None
         return self.keys, self.values
 
     def adopt(self, full: torch.Tensor, length: int) -> None:
@@ -206,7 +212,7 @@ class TieredLayer(DynamicLayer):
         self.keys, self.values = full[0, :, :, :length], full[1, :, :, :length]
 
     def _evict(self) -> None:
-        """Drop the assembled device copy; the store keeps the blocks, a clone keeps the short tail."""
+        """Drop the assembled device copy; the store keeps the whole blocks, a clone keeps the short tail."""
         if self._full is None:
             return
         if self._tail is not None:
@@ -214,11 +220,18 @@ class TieredLayer(DynamicLayer):
         self._full = None
         self.keys = self.values = None
 
+    def stored(self) -> Handle | None:
+        """The store entry holding this layer's first whole blocks (offload), if any."""
+        return self._stored
+
+    def _drop_stored(self) -> None:
+        if self._stored is not None:
+            self._shared.working.discard(self._stored)
+            self._shared.store.free(self._stored)
+        self._stored, self._stored_len = None, 0
+
     def _drop_blocks(self) -> None:
-        for h in self._blocks:
-            self._shared.working.discard(h)
-            self._shared.store.free(h)
-        self._blocks = []
+        self._drop_stored()
         self._tail = None
 
     def _materialize(self) -> None:

@@ -222,8 +222,11 @@ class TierStore:
             self._enforce(top, exclude=e.id)
             return Handle(e.id, nbytes, kind, self._id)
 
-    def get(self, handle: Handle) -> torch.Tensor:
+    def get(self, handle: Handle, *, place: bool = True) -> torch.Tensor:
         """The entry's tensor, on the device it was put from; blocks until it is there.
+
+        ``place=False`` reads the entry through: the caller gets a copy on its device and the entry stays in
+        the tier it is in (a reader that keeps data off the device, such as offloaded KV).
 
         Raises:
             EntryNotFoundError: the handle was freed or is not from this store.
@@ -239,7 +242,7 @@ class TierStore:
                 with self._lock:
                     e = self._entry(handle)
                     leaving = e.move_to is not None and e.move_to > e.tier
-                    stays = e.move is None and self._promotion_target(e) is None
+                    stays = e.move is None and (not place or self._promotion_target(e) is None)
                     if e.data is not None and (e.tier == e.top or leaving or stays):
                         # Resident at the top, being moved down while its bytes are still valid, or in
                         # memory that no tier above has room for.
@@ -255,7 +258,7 @@ class TierStore:
                             if e.buf is not None:
                                 e.reader = event
                         break
-                    target = self._promotion_target(e) if e.move is None else None
+                    target = self._promotion_target(e) if e.move is None and place else None
                     if e.move is None and target is not None:
                         self._start_move(e, target)
                         continue

@@ -162,7 +162,7 @@ def test_dropped_cache_frees_its_working_blocks(make_store):
     ref, tier = None, TieredKVCache(store, KVConfig(block_tokens=4, offload=True), model=tiny_model())
     with torch.no_grad():
         tier.update(torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16), 0)
-    assert len(store) == 2
+    assert len(store) == 1  # the layer's two whole blocks, as one entry (Note: [assembled layer])
     del tier, ref
     gc.collect()
     assert len(store) == 0
@@ -225,12 +225,13 @@ def test_tier_generate_wraps_and_restores(make_store):
     assert "generate" not in outer.lm.__dict__
 
 
-def test_offloaded_blocks_spread_over_all_tiers(make_store):
-    store = _store(make_store, True)
-    cache = TieredKVCache(store, KVConfig(block_tokens=4, offload=True), model=tiny_model())
+def test_offloaded_layers_spread_over_the_lower_tiers(make_store):
+    store = make_store(device_bytes="64MiB", host_bytes="64KiB", disk_bytes="64MiB")  # host: two 25 KiB layers
+    cache = TieredKVCache(store, KVConfig(block_tokens=4, offload=True), model=tiny_model(layers=6))
     with torch.no_grad():
-        cache.update(torch.randn(1, 2, 200, 16), torch.randn(1, 2, 200, 16), 0)
+        for layer in range(6):
+            cache.update(torch.randn(1, 2, 100, 16), torch.randn(1, 2, 100, 16), layer)
     store.settle()
     tiers = cache.stats()["blocks_per_tier"]
-    assert sum(tiers.values()) == 50
-    assert tiers.get(Tier.DISK.label, 0) > 0
+    assert sum(tiers.values()) == 6  # one entry per layer, none left in the device tier
+    assert tiers.get(Tier.HOST.label, 0) > 0 and tiers.get(Tier.DISK.label, 0) > 0 and Tier.DEVICE.label not in tiers
