@@ -19,6 +19,12 @@ Note: [evicted between lookup and get]
     (``EntryEvictedError``, or a spill file that fails its checksum) as a miss at that block: the row keeps
     the blocks before it, ``n`` shrinks, and the forward recomputes the rest.
 
+Note: [persist without a sync]
+    With ``persist_dir``, each stored block is written by a background thread. The forward's thread only
+    queues the block's copy to pinned host memory (CUDA) and an event after it; the writer waits for the
+    event. On the host the block itself is written: it is a fresh tensor nothing changes in place, so no
+    copy is made.
+
 Note: [positions of stored blocks]
     Stored blocks are only right for a forward whose positions count from each row's first real token.
     Where the model hands its ``position_ids`` to the cache (Llama, Qwen2 and most RoPE models), the first
@@ -206,7 +212,13 @@ class PrefixBlocks:
     # ------------------------------------------------------------------ storing
 
     def check_positions(self, plan: ServePlan, position_ids: Any) -> bool:
-        """Whether a forward's ``position_ids`` are the mask's (Note: [positions of stored blocks])."""
+        """Whether a forward's ``position_ids`` are the mask's (Note: [persist without a sync]
+            With ``persist_dir``, each stored block is written by a background thread. The forward's thread only
+            queues the block's copy to pinned host memory (CUDA) and an event after it; the writer waits for the
+            event. On the host the block itself is written: it is a fresh tensor nothing changes in place, so no
+            copy is made.
+
+        Note: [positions of stored blocks])."""
         if plan.mask is None or not isinstance(position_ids, torch.Tensor):
             return True
         mask = plan.mask.to(position_ids.device)[:, plan.columns :]
@@ -257,12 +269,22 @@ class PrefixBlocks:
         self.store.touch([h for h in found if h is not None])
 
     def _write_async(self, key: str, layer: int, data: torch.Tensor) -> None:
+        """Persist one block on the writer thread (Note: [persist without a sync])."""
         if self._writer is None:
             self._writer = cf.ThreadPoolExecutor(1, thread_name_prefix="tiercache-kv-persist")
             weakref.finalize(self, self._writer.shutdown, wait=True)
         persist = self.persist
-        if persist is not None:
-            self._writer.submit(persist.save, key, layer, data.detach().to("cpu", copy=True))
+        if persist is None:
+            return
+        ready: Any = None
+        if data.is_cuda:
+            stream = torch.cuda.current_stream(data.device)
+            data = data.detach().to("cpu", non_blocking=True)  # into pinned memory, queued on this stream
+            ready = torch.cuda.Event(blocking=True)
+            ready.record(stream)
+        elif data.device.type != "cpu":
+            data = data.detach().to("cpu")
+        self._writer.submit(_save_when_ready, persist, key, layer, data, ready)
 
     def flush(self) -> None:
         """Wait until persisted blocks are written."""
@@ -273,6 +295,12 @@ class PrefixBlocks:
         self.flush()
         if self._writer is not None:
             self._writer.shutdown(wait=True)
+
+
+def _save_when_ready(persist: PersistDir, key: str, layer: int, data: torch.Tensor, ready: Any) -> None:
+    if ready is not None:
+        ready.synchronize()  # a blocking event: the writer thread sleeps, it does not spin
+    persist.save(key, layer, data)
 
 
 def shared_blocks(rows: list[RowBlocks], usable: list[int]) -> int:

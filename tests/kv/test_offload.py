@@ -34,3 +34,32 @@ def test_offloaded_layers_stay_in_the_host_tier_and_decode_reads_one_entry_per_l
             assert cache.stats()["blocks_per_tier"] == {Tier.HOST.label: LAYERS}  # one entry per layer
     assert gets == [LAYERS] * 6  # one read per layer (device_layers=1: each is evicted before its next step)
     assert store.stats()["tiers"]["device"]["bytes"] == 0
+
+
+def test_persisting_blocks_makes_no_copy_on_the_forward_thread(make_store, tmp_path):
+    # Note: [persist without a sync]. Each copy here would be a blocking device-to-host copy on CUDA.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Copies(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten._to_copy.default, torch.ops.aten.clone.default):
+                self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    model = tiny_model("llama", layers=2)
+    ids = torch.randint(3, 128, (1, 21), generator=torch.Generator().manual_seed(0))
+    counted = []
+    for persist in (None, tmp_path / "kv"):
+        store = make_store(device_bytes="64MiB", host_bytes="64MiB", disk_bytes=0)
+        cache = TieredKVCache(store, KVConfig(block_tokens=4, persist_dir=persist), model=model)
+        cache.load_prefix(ids)
+        with torch.no_grad(), Copies() as copies:
+            model(ids, **{cache_kwarg(model): cache}, use_cache=True)
+        cache.flush()
+        counted.append(copies.count)
+    assert cache.stats()["persist_writes"] == 5 * 2  # five blocks of two layers, written in the background
+    assert counted[1] == counted[0]  # the model's own casts only; none per persisted block
