@@ -65,6 +65,11 @@ from lightning_tiercache.store.tiers import Tier
 
 __all__ = ["OFFLOAD_TIERS", "ActivationOffloader", "OffloadConfig", "no_offload", "offload_activations"]
 
+try:
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # a torch build without distributed
+    _DTensor = None
+
 log = logging.getLogger(__name__)
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _TENSOR = torch.Tensor
@@ -365,7 +370,7 @@ class ActivationOffloader:
             return "other"
         if self._param_ptrs is None:
             tensors = [*self.module.parameters(), *self.module.buffers()] if self.module is not None else []
-            self._param_ptrs = frozenset(x.untyped_storage().data_ptr() for x in tensors if x.numel())
+            self._param_ptrs = _storage_ptrs(tensors)
         if self._param_ptrs and t.untyped_storage().data_ptr() in self._param_ptrs:
             return "params"
         return None
@@ -574,6 +579,21 @@ def _of_params(t: torch.Tensor) -> bool:
         return True
     base = t._base
     return base is not None and (isinstance(base, torch.nn.Parameter) or (base.is_leaf and base.requires_grad))
+
+
+def _storage_ptrs(tensors: list[torch.Tensor]) -> frozenset[int]:
+    """Storage addresses of ``tensors``. A DTensor (FSDP2, tensor parallel) stands for its local shard; a tensor
+    subclass without a storage of its own contributes nothing (it holds no bytes an activation could share)."""
+    out = set()
+    for x in tensors:
+        local = x.to_local() if _DTensor is not None and isinstance(x, _DTensor) else x
+        if not local.numel():
+            continue
+        try:
+            out.add(local.untyped_storage().data_ptr())
+        except RuntimeError:  # "invalid python storage": a wrapper subclass
+            continue
+    return frozenset(out)
 
 
 def _opt_int(value: int | str | None) -> int | None:
