@@ -101,6 +101,9 @@ class TierConfig:
         device: the device whose memory the device tier stands for. ``None``: CUDA if available, else CPU.
         pin_memory: use a pinned host pool. ``None``: on when the device is CUDA.
         zstd_level: compression level of the ``zstd`` and ``byteplane`` codecs.
+        local_world_size: processes on this node sharing its RAM and disk; machine-sized host and disk budgets
+            are divided among them. ``None``: from the launcher (``LOCAL_WORLD_SIZE``, SLURM, MPI; the callback
+            passes the trainer's devices per node), else 1.
     """
 
     device_bytes: int | str | None = None
@@ -113,6 +116,7 @@ class TierConfig:
     device: str | None = None
     pin_memory: bool | None = None
     zstd_level: int = 1
+    local_world_size: int | None = None
 
     def __post_init__(self) -> None:
         for field in ("device_bytes", "host_bytes", "disk_bytes"):
@@ -129,6 +133,9 @@ class TierConfig:
             raise ValueError(f"io_threads={self.io_threads!r} must be an int >= 1")
         if not 1 <= self.zstd_level <= 22:
             raise ValueError(f"zstd_level={self.zstd_level!r} must be between 1 and 22")
+        n = self.local_world_size
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"local_world_size={n!r} must be None or an int >= 1")
         if self.device is not None:
             import torch
 

@@ -309,7 +309,9 @@ class TierCacheCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._stage = stage
         device = trainer.strategy.root_device
-        self.runtime.open(device, pl_module, train=stage == "fit", state=self._state)
+        self.runtime.open(
+            device, pl_module, train=stage == "fit", state=self._state, local_world_size=trainer.num_devices
+        )
         if self.runtime.hook is not None:
             self.runtime.hook.owner = self  # steps aside while Lightning's batch-size search unlists callbacks
             self.runtime.hook.install(trainer)

@@ -91,12 +91,26 @@ class TierRuntime:
         state.update(store=None, offloader=None, hook=None, kv=None, _kv_base=None)
         return state
 
-    def open(self, device: torch.device, module: torch.nn.Module, *, train: bool, state: Mapping[str, Any]) -> None:
-        """Open the store on ``device`` and build the parts (the OOM hook is built, not installed)."""
+    def open(
+        self,
+        device: torch.device,
+        module: torch.nn.Module,
+        *,
+        train: bool,
+        state: Mapping[str, Any],
+        local_world_size: int | None = None,
+    ) -> None:
+        """Open the store on ``device`` and build the parts (the OOM hook is built, not installed).
+
+        ``local_world_size`` (processes on this node) divides machine-sized host and disk budgets among them,
+        unless the tier config names its own.
+        """
         cfg = self.tier_config
         if cfg.device is None:
             fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
             cfg = TierConfig(**{**fields, "device": "cpu" if device.type == "cpu" else str(device)})
+        if cfg.local_world_size is None and local_world_size is not None:
+            cfg = dataclasses.replace(cfg, local_world_size=local_world_size)
         kept, self._kept = self._kept, None
         if kept is not None and (train or kept.config != cfg):
             kept.close()
