@@ -217,9 +217,16 @@ class TierStore:
             self._counts["puts"] += 1
             self._counts["put_bytes"] += nbytes
             target = self._landing(e, max(top, tier if tier is not None else top))
-            if target != top:
-                self._start_move(e, target)
-            self._enforce(top, exclude=e.id)
+            try:
+                if target != top:
+                    try:
+                        self._start_move(e, target)
+                    except (torch.OutOfMemoryError, RuntimeError):
+                        pass  # the copy's target could not be allocated: the entry stays where it was put
+                self._enforce(top, exclude=e.id)
+            except BaseException:
+                self._free_locked(e)  # the caller gets no handle: nothing may stay behind
+                raise
             return Handle(e.id, nbytes, kind, self._id)
 
     def get(self, handle: Handle, *, place: bool = True) -> torch.Tensor:
@@ -423,6 +430,7 @@ class TierStore:
             out["wait_s"] = self._busy_s["wait"]
             out["wait_p50_s"] = waits[len(waits) // 2] if waits else 0.0
             out["wait_p95_s"] = waits[min(len(waits) - 1, math.ceil(0.95 * len(waits)) - 1)] if waits else 0.0
+            out["pin_failures"] = self._pool.pin_failures if self._pool is not None else 0
             out["write_s"] = self._busy_s["write"]
             out["read_s"] = self._busy_s["read"]
             return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import bisect
 import logging
 import threading
+import warnings
 import weakref
 from collections.abc import Callable
 
@@ -76,6 +77,7 @@ class PinnedPool:
         self.idle_bytes = 0
         self.allocated = 0
         self.reused = 0
+        self.pin_failures = 0
 
     def take(self, nbytes: int) -> torch.Tensor:
         """A buffer of at least ``nbytes`` bytes; slice it to the size you need."""
@@ -87,7 +89,21 @@ class PinnedPool:
                 self.reused += 1
                 return self._idle[size].pop()
             self.allocated += 1
-        return self._allocate(max(nbytes, 1), self._pin)
+        try:
+            return self._allocate(max(nbytes, 1), self._pin)
+        except RuntimeError as err:  # "CUDA error: out of memory" from cudaHostAlloc: not a device OOM
+            if not self._pin:
+                raise
+            self.pin_failures += 1
+            if self.pin_failures == 1:
+                warnings.warn(
+                    f"tiercache: could not pin {nbytes} bytes of host memory ({err}); using pageable memory "
+                    "for host-tier buffers that cannot be pinned (slower copies). Raise the locked-memory limit "
+                    "(ulimit -l) or lower host_bytes",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            return self._allocate(max(nbytes, 1), False)
 
     def give(self, buf: torch.Tensor) -> None:
         """Return a buffer from :meth:`take`. Callers must have finished every copy that reads it."""
