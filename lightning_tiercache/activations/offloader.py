@@ -65,8 +65,11 @@ from lightning_tiercache.store.tiers import Tier
 
 __all__ = ["OFFLOAD_TIERS", "ActivationOffloader", "OffloadConfig", "no_offload", "offload_activations"]
 
+_DTensor: type[torch.Tensor] | None
 try:
-    from torch.distributed.tensor import DTensor as _DTensor
+    from torch.distributed.tensor import DTensor
+
+    _DTensor = DTensor
 except ImportError:  # a torch build without distributed
     _DTensor = None
 
@@ -586,7 +589,7 @@ def _storage_ptrs(tensors: list[torch.Tensor]) -> frozenset[int]:
     subclass without a storage of its own contributes nothing (it holds no bytes an activation could share)."""
     out = set()
     for x in tensors:
-        local = x.to_local() if _DTensor is not None and isinstance(x, _DTensor) else x
+        local = x.to_local() if _DTensor is not None and isinstance(x, _DTensor) else x  # type: ignore[attr-defined]
         if not local.numel():
             continue
         try:
