@@ -102,3 +102,16 @@ def test_fresh_simulated_memory_holds_poison():
         assert int(dev.host_buffer(8, pin=True)[0]) == POISON
     finally:
         dev.close()
+
+
+def test_worker_threads_are_pointed_at_the_store_device(sim_store):
+    """Note: [worker device] -- a worker that copied without it would make a CUDA context on GPU 0."""
+    store = sim_store(device_bytes="1KiB", host_bytes=0, disk_bytes="16MiB")
+    t = torch.randn(4096)
+    h = store.put(t)  # over the device budget: spilled by an I/O thread, which copies it down first
+    store.settle()
+    assert store.where(h) is Tier.DISK
+    assert torch.equal(store.get(h), t)  # read back and uploaded by an I/O thread
+    sim = _sim(store)
+    assert sim.violations == []
+    assert any(name.startswith("tiercache-io") for name in sim.bound_threads)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import torch
+
+from lightning_tiercache.store.tiers import host
 from lightning_tiercache.store.tiers.host import PinnedPool
 
 
@@ -24,3 +27,34 @@ def test_pool_keeps_idle_bytes_under_its_cap():
     assert pool.idle_bytes <= 2500
     pool.clear()
     assert pool.idle_bytes == 0
+
+
+class _FakeCudart:
+    """Stands in for ``torch.cuda.cudart()``: registration fails, as it does when the locked-memory limit is hit."""
+
+    def __init__(self) -> None:
+        self.registered = 0
+
+    def cudaHostRegister(self, ptr, nbytes, flags):
+        self.registered += 1
+        return 2  # cudaErrorMemoryAllocation
+
+
+def test_a_failed_registration_clears_the_cuda_error_before_falling_back(monkeypatch):
+    """Note: [stale CUDA error] -- left set, the next kernel launch would raise it as its own error."""
+    fake, cleared, fallback = _FakeCudart(), [], []
+    monkeypatch.setattr(host.torch.cuda, "cudart", lambda: fake)
+    monkeypatch.setattr(host, "cuda_error_clearer", lambda: lambda: cleared.append(1))
+    monkeypatch.setattr(host, "torch_pinned", lambda n: fallback.append(n) or torch.empty(n, dtype=torch.uint8))
+    buf = host.pinned_empty(4096)
+    assert buf.numel() == 4096
+    assert (fake.registered, len(cleared), fallback) == (1, 1, [4096])
+
+
+def test_registration_is_not_tried_where_the_error_could_not_be_cleared(monkeypatch):
+    fake = _FakeCudart()
+    monkeypatch.setattr(host.torch.cuda, "cudart", lambda: fake)
+    monkeypatch.setattr(host, "cuda_error_clearer", lambda: None)
+    monkeypatch.setattr(host, "torch_pinned", lambda n: torch.empty(n, dtype=torch.uint8))
+    assert host.pinned_empty(100).numel() == 100
+    assert fake.registered == 0

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import bisect
+import ctypes
+import functools
 import logging
 import threading
 import warnings
 import weakref
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 
-__all__ = ["PinnedPool", "pinned_empty"]
+__all__ = ["PinnedPool", "cuda_error_clearer", "pinned_empty", "torch_pinned"]
 
 log = logging.getLogger(__name__)
 
@@ -23,24 +27,58 @@ def _unregister(ptr: int) -> None:
         log.debug("cudaHostUnregister(%#x) failed", ptr)
 
 
+@functools.cache
+def cuda_error_clearer() -> Callable[[], Any] | None:
+    """``cudaGetLastError`` of the CUDA runtime this process uses, or ``None`` if it cannot be reached.
+
+    Looked up once: in torch's ``cudart`` bindings if they offer it, else in the ``libcudart`` shared library
+    already mapped into the process (the same runtime instance torch calls).
+    """
+    found: Callable[[], Any] | None = getattr(torch.cuda.cudart(), "cudaGetLastError", None)
+    if found is not None:
+        return found
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    for path in dict.fromkeys(line.rsplit(" ", 1)[-1] for line in maps.splitlines() if "libcudart.so" in line):
+        try:
+            return ctypes.CDLL(path).cudaGetLastError
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
+def torch_pinned(nbytes: int) -> torch.Tensor:
+    """``nbytes`` of page-locked memory from PyTorch's caching host allocator (rounded up to a power of two)."""
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+
 def pinned_empty(nbytes: int) -> torch.Tensor:
     """``nbytes`` of page-locked memory, exactly.
 
     ``torch.empty(..., pin_memory=True)`` goes through PyTorch's caching host allocator, which rounds each
     request up to a power of two and keeps freed blocks pinned; registering an ordinary allocation with
     ``cudaHostRegister`` pins exactly what was asked and unpins it when the buffer is collected. Falls back
-    to ``pin_memory=True`` where registration is not available.
+    to PyTorch's allocator where registration fails, or where a failure could not be cleared.
+
+    Note: [stale CUDA error]
+        A failed ``cudaHostRegister`` stays the calling thread's last CUDA error; the next kernel launch
+        check reads it and raises it as that kernel's error. So registration is tried only where
+        ``cudaGetLastError`` can be reached to clear it (:func:`cuda_error_clearer`).
     """
-    buf = torch.empty(nbytes, dtype=torch.uint8)
-    try:
-        err = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), nbytes, 0)
-        ok = int(err) == 0
-    except Exception:
-        ok = False
-    if not ok:
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    weakref.finalize(buf, _unregister, buf.data_ptr())
-    return buf
+    clear = cuda_error_clearer()
+    if clear is not None:
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        try:
+            ok = int(torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), nbytes, 0)) == 0
+        except Exception:
+            ok = False
+        if ok:
+            weakref.finalize(buf, _unregister, buf.data_ptr())
+            return buf
+        clear()
+    return torch_pinned(nbytes)
 
 
 def _host_buffer(nbytes: int, pin: bool) -> torch.Tensor:

@@ -115,6 +115,7 @@ class SimulatedDevice(DeviceOps):
         self._down = _Stream("tiercache-sim-down")
         self._up = _Stream("tiercache-sim-up")
         self.violations: list[str] = []
+        self.bound_threads: set[str] = set()
         self.allocated_bytes = 0
         self.pinned_bytes = 0
         self.flushes = 0
@@ -126,6 +127,8 @@ class SimulatedDevice(DeviceOps):
 
     def bind_thread(self) -> None:
         self._local.bound = True
+        with self._lock:
+            self.bound_threads.add(threading.current_thread().name)
 
     def _check_thread(self, what: str) -> None:
         t = threading.current_thread()
