@@ -101,6 +101,9 @@ class TierConfig:
         device: the device whose memory the device tier stands for. ``None``: CUDA if available, else CPU.
         pin_memory: use a pinned host pool. ``None``: on when the device is CUDA.
         zstd_level: compression level of the ``zstd`` and ``byteplane`` codecs.
+        max_inflight_bytes: most bytes of device-to-host copies in flight at once. Past it, the compute stream
+            waits for the oldest copy before it runs on, and that copy's device memory is released (backpressure
+            when the link drains slower than a forward produces activations).
         local_world_size: processes on this node sharing its RAM and disk; machine-sized host and disk budgets
             are divided among them. ``None``: from the launcher (``LOCAL_WORLD_SIZE``, SLURM, MPI; the callback
             passes the trainer's devices per node), else 1.
@@ -116,6 +119,7 @@ class TierConfig:
     device: str | None = None
     pin_memory: bool | None = None
     zstd_level: int = 1
+    max_inflight_bytes: int | str = "256MiB"
     local_world_size: int | None = None
 
     def __post_init__(self) -> None:
@@ -123,6 +127,7 @@ class TierConfig:
             value = getattr(self, field)
             if value is not None:
                 object.__setattr__(self, field, parse_bytes(value, field))
+        object.__setattr__(self, "max_inflight_bytes", parse_bytes(self.max_inflight_bytes, "max_inflight_bytes"))
         if self.codec not in CODECS:
             raise ValueError(f"codec={self.codec!r} is not one of {', '.join(CODECS)}")
         from lightning_tiercache.store.policy import registered_policies

@@ -25,6 +25,7 @@ Note: [release after copy]
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
 import threading
 import time
@@ -144,11 +145,33 @@ class _Mover:
 
 
 class Download(_Mover):
-    """Device -> host: a pool buffer, a copy on the download stream, a fence job, then the entry lands."""
+    """Device -> host: a pool buffer, a copy on the download stream, a fence job, then the entry lands.
+
+    Note: [bounded in flight]
+        Without a bound, a forward that produces activations faster than the link drains them keeps every
+        source tensor alive until its copy finished: device memory is freed later than without offload.
+        Past ``max_inflight_bytes`` the compute stream waits for the oldest copy (on CUDA a stream wait, not a
+        host wait) and the entry drops its source: in compute-stream order that memory is free again.
+    """
+
+    def __init__(self, *args: Any, max_inflight_bytes: int) -> None:
+        super().__init__(*args)
+        self.max_inflight_bytes = max_inflight_bytes
+        self._inflight: collections.OrderedDict[int, tuple[Entry, DeviceEvent | None]] = collections.OrderedDict()
+        self.inflight_bytes = 0
 
     def start(self, e: Entry, src: Tier, dst: Tier) -> cf.Future[None]:
         """Queue the copy of ``e`` (lock held); returns the job that lands it once the copy completed."""
         host, done, buf = self.copy_out(typing.cast(torch.Tensor, e.data), e.event)
+        self._inflight[e.id] = (e, done)
+        self.inflight_bytes += e.nbytes
+        while self.inflight_bytes > self.max_inflight_bytes and len(self._inflight) > 1:
+            _, (old, event) = self._inflight.popitem(last=False)
+            self.inflight_bytes -= old.nbytes
+            if not self.ops.done(event):
+                self.ops.compute_wait(event)
+                self.counts["inflight_waits"] += 1
+            old.data = None  # Note: [bounded in flight] the compute stream is past its copy
         return self.jobs.submit(self.jobs.fence, self._fence, e, src, dst, host, buf, done)
 
     def copy_out(
@@ -164,6 +187,8 @@ class Download(_Mover):
     ) -> None:
         self.ops.wait(done)
         with self.lock:
+            if self._inflight.pop(e.id, None) is not None:
+                self.inflight_bytes -= e.nbytes
             self.counts["bytes_to_host"] += e.nbytes
             self.landed(e, src, dst, host, buf, None)
 
@@ -176,13 +201,9 @@ class Upload(_Mover):
         dev = self.ops.alloc(tuple(host.shape), host.dtype)
         return dev, self.ops.upload(host, dev)
 
-    def start(self, e: Entry, src: Tier, dst: Tier) -> None:
-        """Bring host entry ``e`` to the device now (lock held); it lands at once, its copy still queued.
-
-        Raises:
-            torch.OutOfMemoryError: the device tensor could not be allocated (nothing changed).
-        """
-        dev, done = self.copy_in(typing.cast(torch.Tensor, e.data))
+    def start(self, e: Entry, src: Tier, dst: Tier, dev: torch.Tensor) -> None:
+        """Bring host entry ``e`` into device tensor ``dev`` (lock held); it lands at once, its copy queued."""
+        done = self.ops.upload(typing.cast(torch.Tensor, e.data), dev)
         self.counts["bytes_to_device"] += e.nbytes
         old_buf, reader, e.buf, e.reader = e.buf, e.reader, None, None
         self.landed(e, src, dst, dev, None, done)

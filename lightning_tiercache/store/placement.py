@@ -146,7 +146,7 @@ class TierStore:
         self._warned: set[str] = set()
         self._jobs = Jobs(self.config.io_threads, ops.bind_thread)
         args = (ops, self._pool, self._jobs, self._lock, self._landed, self._fail, self._counts)
-        self._down = Download(*args)
+        self._down = Download(*args, max_inflight_bytes=int(self.config.max_inflight_bytes))
         self._up = Upload(*args)
         self._disk = Spill(
             self._down, download=self._down, upload=self._up, ensure_dir=self._ensure_spill,
@@ -244,32 +244,41 @@ class TierStore:
             e = self._entry(handle)
             e.pins += 1  # nothing moves it down until it has been handed out
         waited = 0.0
+        dev: torch.Tensor | None = None  # Note: [no allocation under the lock] made before taking it
         try:
             while True:
+                alloc = False
                 with self._lock:
                     e = self._entry(handle)
                     leaving = e.move_to is not None and e.move_to > e.tier
                     stays = e.move is None and (not place or self._promotion_target(e) is None)
-                    if e.data is not None and (e.tier == e.top or leaving or stays):
+                    upload = e.tier is not e.top and self._ops.moves_bytes
+                    if e.data is not None and (e.tier == e.top or leaving or stays) and (dev is not None or not upload):
                         # Resident at the top, being moved down while its bytes are still valid, or in
                         # memory that no tier above has room for.
                         self._policies[e.tier].access(e.id)
                         self._counts["gets"] += 1
                         self._counts["hits" if not waited else "gets_after_wait"] += 1
                         data, event = e.data, e.event
-                        if e.tier is not e.top and self._ops.moves_bytes:
+                        if upload and dev is not None:
                             # Note: [pool reuse] upload now, while the entry is pinned, and keep the pool
                             # buffer out of the pool until this upload has read it.
-                            data, event = self._up.copy_in(data)
+                            data, event = dev, self._ops.upload(data, dev)
                             self._counts["bytes_to_device"] += e.nbytes
                             if e.buf is not None:
                                 e.reader = event
                         break
                     target = self._promotion_target(e) if e.move is None and place else None
-                    if e.move is None and target is not None:
-                        self._start_move(e, target)
+                    if e.data is not None and upload and dev is None and (leaving or stays or target is Tier.DEVICE):
+                        alloc = True
+                    elif e.move is None and target is not None:
+                        self._start_move(e, target, dev)
+                        dev = None
                         continue
                     fut = e.move
+                if alloc:
+                    dev = self._ops.alloc(e.shape, e.dtype)
+                    continue
                 if fut is None:  # nothing above has room: read it through without placing it
                     if self._spill is None or e.tier is not Tier.DISK:
                         raise EntryNotFoundError(f"entry {e.id} has no bytes to read")
@@ -296,20 +305,47 @@ class TierStore:
         return self._ops.hand_over(data, event)
 
     def prefetch(self, handles: Iterable[Handle]) -> None:
-        """Start bringing entries back toward the top tier, in the given order. Unknown handles are skipped."""
+        """Start bringing entries back toward the top tier, in the given order. Unknown handles are skipped.
+
+        Prefetch is speculative: an upload that would not fit the device's free memory without making the
+        allocator release its caches is skipped (counted in ``prefetch_skipped``); ``get`` brings it later.
+        """
         with self._lock:
             self._check_open()
+            todo: list[tuple[Entry, Tier]] = []
             for h in handles:
                 e = self._entries.get(h.id) if h.store == self._id else None
                 if e is None or e.move is not None or e.tier == e.top:
                     continue
                 target = self._promotion_target(e)
                 if target is not None:
-                    self._counts["prefetches"] += 1
-                    try:
-                        self._start_move(e, target)
-                    except (torch.OutOfMemoryError, RuntimeError):  # best effort: get() will try again
-                        log.debug("prefetch of entry %d failed; it stays in %s", e.id, e.tier.label)
+                    todo.append((e, target))
+        # Note: [no allocation under the lock] device tensors for the uploads are made first, outside it.
+        devs: dict[int, torch.Tensor] = {}
+        for e, target in todo:
+            if self._needs_device_buffer(e, target):
+                if not self._ops.can_allocate(e.nbytes):
+                    continue
+                try:
+                    devs[e.id] = self._ops.alloc(e.shape, e.dtype)
+                except (torch.OutOfMemoryError, RuntimeError):
+                    continue
+        with self._lock:
+            for e, target in todo:
+                if e.freed or e.move is not None or e.tier == e.top or self._promotion_target(e) is not target:
+                    continue
+                if self._needs_device_buffer(e, target) and e.id not in devs:
+                    self._counts["prefetch_skipped"] += 1
+                    continue
+                self._counts["prefetches"] += 1
+                try:
+                    self._start_move(e, target, devs.get(e.id))
+                except (torch.OutOfMemoryError, RuntimeError):  # best effort: get() will try again
+                    log.debug("prefetch of entry %d failed; it stays in %s", e.id, e.tier.label)
+
+    def _needs_device_buffer(self, e: Entry, dst: Tier) -> bool:
+        """Whether moving ``e`` to ``dst`` uploads it from host memory (a device tensor is made first)."""
+        return dst is Tier.DEVICE and e.tier is Tier.HOST and self._ops.moves_bytes
 
     def free(self, handle: Handle) -> None:
         """Forget an entry and release its bytes in every tier. Freeing twice is a no-op."""
@@ -424,7 +460,8 @@ class TierStore:
                 "puts", "put_bytes", "gets", "hits", "hits_in_flight", "gets_after_wait", "prefetches",
                 "waits", "evictions", "drops", "spills", "spill_bytes", "spill_file_bytes", "reads", "read_bytes",
                 "bytes_to_host", "bytes_to_device", "disk_full", "disk_errors", "corrupt", "missing",
-                "overcommits", "promotions", "move_errors", "lookup_hits", "lookup_misses", "demote_calls",
+                "overcommits", "promotions", "move_errors", "prefetch_skipped", "inflight_waits", "lookup_hits",
+                "lookup_misses", "demote_calls",
             ):  # fmt: skip
                 out[name] = self._counts[name]
             out["wait_s"] = self._busy_s["wait"]
@@ -631,8 +668,11 @@ class TierStore:
 
     # ------------------------------------------------------------------ moves (lock held)
 
-    def _start_move(self, e: Entry, dst: Tier) -> None:
-        """Start moving ``e`` to ``dst`` (lock held). Synchronous where no bytes need to move."""
+    def _start_move(self, e: Entry, dst: Tier, dev: torch.Tensor | None = None) -> None:
+        """Start moving ``e`` to ``dst`` (lock held). Synchronous where no bytes need to move.
+
+        ``dev`` is the device tensor an upload from the host tier copies into, made outside the lock.
+        """
         src = e.tier
         if dst == src:
             return
@@ -652,7 +692,7 @@ class TierStore:
             elif dst is Tier.HOST:
                 e.move = self._down.start(e, src, dst)
             else:  # host -> device: launched now, fenced lazily on the consumer's stream
-                self._up.start(e, src, dst)
+                self._up.start(e, src, dst, dev if dev is not None else self._ops.alloc(e.shape, e.dtype))
         except Exception:
             # An allocation failed (device OOM, no pinned memory): nothing moved, accounting is undone.
             if e.move_to is not None:

@@ -115,3 +115,43 @@ def test_worker_threads_are_pointed_at_the_store_device(sim_store):
     sim = _sim(store)
     assert sim.violations == []
     assert any(name.startswith("tiercache-io") for name in sim.bound_threads)
+
+
+def test_copies_in_flight_stay_bounded_and_the_compute_stream_waits_for_old_ones(sim_store):
+    """Note: [bounded in flight] -- a forward faster than the link must not keep every source alive."""
+    store = sim_store(
+        0, max_delay_s=5e-3, device_bytes="64MiB", host_bytes="64MiB", disk_bytes=0, max_inflight_bytes="128KiB"
+    )
+    tensors = [torch.full((16 * 1024,), float(i)) for i in range(24)]  # 64 KiB each
+    handles = [store.put(t, tier=Tier.HOST) for t in tensors]
+    sim = _sim(store)
+    assert sim.peak_queued_download_bytes <= 128 * 1024 + 64 * 1024
+    assert store.stats()["inflight_waits"] > 0
+    store.settle()
+    for h, t in zip(handles, tensors, strict=True):
+        assert torch.equal(store.get(h), t)
+
+
+def test_nothing_is_allocated_on_the_device_while_the_store_lock_is_held(sim_store, monkeypatch):
+    """Note: [no allocation under the lock] -- an allocation may flush caches or block; others wait meanwhile."""
+    store = sim_store(0, device_bytes="8KiB", host_bytes="1MiB", disk_bytes="1MiB")
+    sim = _sim(store)
+    under_lock = []
+    alloc = sim.alloc
+
+    def checked(shape, dtype):
+        free = store._lock.acquire(blocking=False)
+        if free:
+            store._lock.release()
+        under_lock.append(not free)
+        return alloc(shape, dtype)
+
+    monkeypatch.setattr(sim, "alloc", checked)
+    small, big = torch.randn(1024), torch.randn(4096)  # 4 KiB fits the device tier, 16 KiB does not
+    hs, hb = store.put(small, tier=Tier.HOST), store.put(big, tier=Tier.HOST)
+    store.settle()
+    store.prefetch([hs])  # promoted: its device tensor is made first
+    store.settle()
+    assert torch.equal(store.get(hb), big)  # read through from the host tier: uploaded, not placed
+    assert torch.equal(store.get(hs), small)
+    assert under_lock and not any(under_lock)

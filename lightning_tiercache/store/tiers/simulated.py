@@ -154,7 +154,8 @@ class SimulatedDevice(DeviceOps):
                     self.counts["pinned_failures"] += 1
                     raise RuntimeError("CUDA error: out of memory (simulated cudaHostAlloc)")
                 self.pinned_bytes += size
-        buf = torch.full((size,), POISON, dtype=torch.uint8)
+        buf = torch.empty(size, dtype=torch.uint8)
+        _poison(buf)
         if pin:
             weakref.finalize(buf, self._unpin, size)
         return buf
@@ -177,7 +178,7 @@ class SimulatedDevice(DeviceOps):
             self.counts["allocs"] += 1
         out = torch.empty(shape, dtype=dtype)
         if nbytes:
-            out.view(-1).view(torch.uint8).fill_(POISON)
+            _poison(out.view(-1).view(torch.uint8))
         weakref.finalize(out, self._free, nbytes)
         return out
 
@@ -250,6 +251,11 @@ class SimulatedDevice(DeviceOps):
     def close(self) -> None:
         self._down.close()
         self._up.close()
+
+
+def _poison(buf: torch.Tensor) -> None:
+    # numpy's fill runs on this thread; torch's may wait for its intra-op pool on a busy machine.
+    buf.numpy().fill(POISON)
 
 
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
