@@ -160,9 +160,9 @@ class Download(_Mover):
         self._inflight: collections.OrderedDict[int, tuple[Entry, DeviceEvent | None]] = collections.OrderedDict()
         self.inflight_bytes = 0
 
-    def start(self, e: Entry, src: Tier, dst: Tier) -> cf.Future[None]:
-        """Queue the copy of ``e`` (lock held); returns the job that lands it once the copy completed."""
-        host, done, buf = self.copy_out(typing.cast(torch.Tensor, e.data), e.event)
+    def start(self, e: Entry, src: Tier, dst: Tier, buf: torch.Tensor | None = None) -> cf.Future[None]:
+        """Queue the copy of ``e`` (lock held) into ``buf`` (or a pool buffer); returns the job that lands it."""
+        host, done, buf = self.copy_out(typing.cast(torch.Tensor, e.data), e.event, buf)
         self._inflight[e.id] = (e, done)
         self.inflight_bytes += e.nbytes
         while self.inflight_bytes > self.max_inflight_bytes and len(self._inflight) > 1:
@@ -175,10 +175,10 @@ class Download(_Mover):
         return self.jobs.submit(self.jobs.fence, self._fence, e, src, dst, host, buf, done)
 
     def copy_out(
-        self, data: torch.Tensor, ready: DeviceEvent | None
+        self, data: torch.Tensor, ready: DeviceEvent | None, buf: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, DeviceEvent | None, torch.Tensor]:
-        """Queue a copy of device tensor ``data`` into a fresh pool buffer; returns the view, event, buffer."""
-        buf = self.take(data.nbytes)
+        """Queue a copy of device tensor ``data`` into ``buf`` or a pool buffer; returns the view, event, buffer."""
+        buf = buf if buf is not None else self.take(data.nbytes)
         host = host_view(buf, data)
         return host, self.ops.download(data, ready, host), buf
 

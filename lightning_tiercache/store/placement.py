@@ -126,7 +126,8 @@ class TierStore:
         self._ops = ops = device_ops if device_ops is not None else make_ops(self.device)
         pin = self.config.pin_memory if self.config.pin_memory is not None else ops.moves_bytes
         self._pool = (
-            PinnedPool(self._budget[Tier.HOST] // 4, pin=pin, allocate=ops.host_buffer) if ops.moves_bytes else None
+            # Note: [pool across steps] idle buffers up to the host budget stay registered for the next step.
+            PinnedPool(self._budget[Tier.HOST], pin=pin, allocate=ops.host_buffer) if ops.moves_bytes else None
         )
         self._spill: SpillDir | None = None
         self._lock = threading.Lock()
@@ -201,6 +202,9 @@ class TierStore:
         top = self._top_tier(tensor.device)
         nbytes = tensor.numel() * tensor.element_size()
         ready = self._ops.ready(tensor)
+        # Note: [no allocation under the lock] a pool miss pins fresh memory (a driver call, milliseconds):
+        # the buffer of a put bound for the host tier is taken before the lock.
+        spare = self._pool.take(nbytes) if self._pool is not None and tier is Tier.HOST and top < tier else None
         with self._lock:
             self._check_open()
             if key is not None and key in self._keys:
@@ -220,13 +224,17 @@ class TierStore:
             try:
                 if target != top:
                     try:
-                        self._start_move(e, target)
+                        self._start_move(e, target, host_buf=spare if target is Tier.HOST else None)
+                        spare = None if target is Tier.HOST else spare
                     except (torch.OutOfMemoryError, RuntimeError):
                         pass  # the copy's target could not be allocated: the entry stays where it was put
                 self._enforce(top, exclude=e.id)
             except BaseException:
                 self._free_locked(e)  # the caller gets no handle: nothing may stay behind
                 raise
+            finally:
+                if spare is not None and self._pool is not None:
+                    self._pool.give(spare)
             return Handle(e.id, nbytes, kind, self._id)
 
     def get(self, handle: Handle, *, place: bool = True) -> torch.Tensor:
@@ -417,6 +425,8 @@ class TierStore:
         with self._lock:
             self._check_open()
             self._budget[tier] = value
+            if tier is Tier.HOST and self._pool is not None:
+                self._pool.max_idle_bytes = value  # Note: [pool across steps]
             self._enforce(tier)
 
     def clear_cache(self) -> int:
@@ -668,10 +678,13 @@ class TierStore:
 
     # ------------------------------------------------------------------ moves (lock held)
 
-    def _start_move(self, e: Entry, dst: Tier, dev: torch.Tensor | None = None) -> None:
+    def _start_move(
+        self, e: Entry, dst: Tier, dev: torch.Tensor | None = None, host_buf: torch.Tensor | None = None
+    ) -> None:
         """Start moving ``e`` to ``dst`` (lock held). Synchronous where no bytes need to move.
 
-        ``dev`` is the device tensor an upload from the host tier copies into, made outside the lock.
+        ``dev`` is the device tensor an upload from the host tier copies into, ``host_buf`` the pool buffer a
+        download copies into; both are made outside the lock when the caller can.
         """
         src = e.tier
         if dst == src:
@@ -690,7 +703,7 @@ class TierStore:
             elif src is Tier.DISK:
                 e.move = self._disk.read(e, dst)
             elif dst is Tier.HOST:
-                e.move = self._down.start(e, src, dst)
+                e.move = self._down.start(e, src, dst, host_buf)
             else:  # host -> device: launched now, fenced lazily on the consumer's stream
                 self._up.start(e, src, dst, dev if dev is not None else self._ops.alloc(e.shape, e.dtype))
         except Exception:

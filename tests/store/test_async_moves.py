@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 
-from lightning_tiercache import Kind, Tier, TierStore
+from lightning_tiercache import Kind, Tier, TierConfig, TierStore
 from lightning_tiercache.store.tiers.simulated import POISON, SimulatedDevice
 
 SEEDS = range(12)
@@ -155,3 +155,37 @@ def test_nothing_is_allocated_on_the_device_while_the_store_lock_is_held(sim_sto
     assert torch.equal(store.get(hb), big)  # read through from the host tier: uploaded, not placed
     assert torch.equal(store.get(hs), small)
     assert under_lock and not any(under_lock)
+
+
+def test_pinned_buffers_are_reused_across_steps_and_pinned_outside_the_store_lock(spill_parent):
+    """Note: [pool across steps] -- a step that offloads more than a quarter of the host budget must not pin
+    again every step. Note: [no allocation under the lock] -- pinning is a driver call of milliseconds."""
+    sim = SimulatedDevice(seed=0)
+    pinned_under_lock: list[bool] = []
+    host_buffer = sim.host_buffer
+
+    def checked(nbytes, pin):
+        free = store._lock.acquire(blocking=False)
+        if free:
+            store._lock.release()
+        pinned_under_lock.append(not free)
+        return host_buffer(nbytes, pin)
+
+    sim.host_buffer = checked  # type: ignore[method-assign]
+    cfg = TierConfig(device_bytes="1MiB", host_bytes="1MiB", disk_bytes=0, spill_dir=str(spill_parent))
+    store = TierStore(cfg, device_ops=sim)
+    try:
+        for step in range(4):
+            tensors = [torch.full((32 * 1024,), float(step * 10 + i)) for i in range(6)]  # 6 x 128 KiB
+            handles = [store.put(t, tier=Tier.HOST) for t in tensors]
+            store.settle()
+            for h, t in zip(handles, tensors, strict=True):
+                assert torch.equal(store.get(h), t)
+                store.free(h)
+            store.settle()
+    finally:
+        store.close()
+        sim.close()
+    assert len(pinned_under_lock) == 6  # the first step's buffers, pinned once
+    assert not any(pinned_under_lock)
+    assert sim.violations == []
