@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -65,19 +67,39 @@ def test_reloaded_tensor_survives_allocator_reuse_on_a_slow_stream(cuda_store):
 
 
 def test_pool_buffer_is_not_reused_while_an_upload_reads_it(tmp_path):
-    """Note: [pool reuse] -- a host entry too big for the device tier is uploaded from its pool buffer."""
-    cfg = TierConfig(device_bytes="1MiB", host_bytes="64MiB", disk_bytes=0, spill_dir=str(tmp_path))
+    """Note: [pool reuse] -- a prefetched entry lands on the device at once; its upload is still queued.
+
+    The upload waits for the busy compute stream (it copies into memory allocated there); the next put comes
+    from an idle side stream, so its download runs at once, into whichever pool buffer it was given. Had the
+    prefetched entry's buffer gone back to the pool before its upload read it, that download overwrites it.
+    """
+    cfg = TierConfig(device_bytes="64MiB", host_bytes="64MiB", disk_bytes=0, spill_dir=str(tmp_path))
     with TierStore(cfg) as store:
-        a = torch.randn(1 << 20, device="cuda")  # 4 MiB: larger than the device tier
+        a = torch.randn(1 << 20, device="cuda")
         h = store.put(a, tier=Tier.HOST)
         store.settle()
-        torch.cuda._sleep(200_000_000)
-        out = store.get(h)  # upload queued behind nothing on the side stream, read later by the consumer
-        store.free(h)
-        h2 = store.put(torch.zeros_like(a), tier=Tier.HOST)  # would take the same pool buffer
+        torch.cuda._sleep(500_000_000)  # the compute stream is busy for a while
+        store.prefetch([h])
+        side = torch.cuda.Stream()
+        with torch.cuda.stream(side):
+            b = torch.full_like(a, 7.0)
+            h2 = store.put(b, tier=Tier.HOST)
         store.settle()
-        assert torch.equal(out, a)
-        store.free(h2)
+        assert torch.equal(store.get(h), a)
+        assert torch.equal(store.get(h2), torch.full_like(a, 7.0))
+
+
+def test_waiting_for_a_copy_does_not_spin_a_core(cuda_store):
+    """Note: [blocking events] -- the fence thread sleeps while a copy it waits for is queued."""
+    x = torch.randn(1 << 20, device="cuda")
+    torch.cuda._sleep(1_000_000_000)  # the copy below waits for this kernel: about half a second
+    start_cpu, start_wall = time.process_time(), time.perf_counter()
+    store_h = cuda_store.put(x * 1, tier=Tier.HOST)
+    cuda_store.settle()
+    cpu, wall = time.process_time() - start_cpu, time.perf_counter() - start_wall
+    assert wall > 0.1  # it did wait
+    assert cpu < 0.5 * wall
+    assert torch.equal(cuda_store.get(store_h), x)
 
 
 def test_pinned_pool_reuses_buffers_without_power_of_two_rounding():
