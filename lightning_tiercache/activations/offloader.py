@@ -435,10 +435,14 @@ class ActivationOffloader:
         if graph != p.graph_id:
             p.graph_id = graph
             p.cursor = None
+        ops = self.store.device_ops
+        before = ops.stamp()  # Note: [device-timed plan]
         start = time.perf_counter()
         stored = self.store.get(slot.handle)
         now = time.perf_counter()
         wait = now - start
+        if before is not None:
+            p.stamps.append((before, ops.stamp()))
         out = stored.as_strided(packed.size, packed.stride, stored.storage_offset() + packed.offset - slot.start)
         if self.config.prefetch and p.forward_done:
             due = p.due(slot.seq, self.planner.lead_bytes)
@@ -493,9 +497,11 @@ class ActivationOffloader:
 
     def _plan(self) -> None:
         """Measure the passes whose backward ran and update the plan."""
+        seconds_between = self.store.device_ops.seconds_between
         with self._lock:
-            ready = [p for p in self._done if p.events]
-            self._done = [p for p in self._done if not p.events]
+            # A pass whose device events have not all completed yet waits for a later plan (no sync here).
+            ready = [p for p in self._done if p.events and p.device_timed(seconds_between)]
+            self._done = [p for p in self._done if p not in ready]
             offloaded = self._counts["bytes_offloaded"]
         if not ready:
             return

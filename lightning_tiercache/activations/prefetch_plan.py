@@ -52,6 +52,8 @@ class ForwardPass:
         dedup: during forward, storage address -> (storage weak reference, entry weak reference).
         small, small_bytes, params: this forward's saved tensors below the offloader's ``min_bytes`` (and their
             bytes) and parameters or views of them, all left in place; counted here, without the lock.
+        stamps: on a device with its own clock, one pair of compute-stream timing events per unpack (before
+            and after the hand-over); :meth:`device_timed` turns ``events`` into device times with them.
     """
 
     order: list[weakref.ref[Any]] = dataclasses.field(default_factory=list)
@@ -67,6 +69,7 @@ class ForwardPass:
     small: int = 0
     small_bytes: int = 0
     params: int = 0
+    stamps: list[tuple[Any, Any]] = dataclasses.field(default_factory=list)
 
     @property
     def total_bytes(self) -> int:
@@ -99,6 +102,27 @@ class ForwardPass:
 
     def record(self, time_s: float, seq: int, nbytes: int, wait_s: float) -> None:
         self.events.append((time_s, seq, nbytes, wait_s))
+
+    def device_timed(self, seconds_between: Any) -> bool:
+        """Replace the host times of ``events`` by device times from ``stamps``; ``False`` if not all completed.
+
+        Note: [device-timed plan]
+            On CUDA an unpack hands its reload over with a stream wait: the host returns at once while the
+            compute stream stalls until the copy landed. Host timestamps see no wait, so the lead would never
+            grow; the compute-stream events before and after the hand-over measure the stall itself.
+        """
+        if len(self.stamps) != len(self.events) or not self.stamps:
+            return True  # host-timed: nothing to convert
+        first = self.stamps[0][1]
+        out = []
+        for (before, after), (_, seq, nbytes, _) in zip(self.stamps, self.events, strict=True):
+            t, w = seconds_between(first, after), seconds_between(before, after)
+            if t is None or w is None:
+                return False
+            out.append((t, seq, nbytes, w))
+        self.events = out
+        self.stamps = []
+        return True
 
 
 @dataclasses.dataclass(frozen=True)

@@ -667,6 +667,10 @@ class TierStore:
             self._spill.file(e.id).unlink(missing_ok=True)
         elif tier is Tier.HOST:
             self._give_buf(e)
+        elif self._ops.moves_bytes and not self._ops.done(e.event):
+            # Note: [reload freed before use] an upload still writes this tensor; it was allocated on the
+            # compute stream, which must not reuse its memory before the copy finished.
+            self._ops.compute_wait(e.event)
         if tier is not Tier.DISK:
             e.data = None
 
@@ -728,7 +732,7 @@ class TierStore:
         e.move_to = None
         if e.freed:
             self._release(e, src)
-            e.buf, e.data = buf, data
+            e.buf, e.data, e.event = buf, data, event
             self._release(e, dst)
             return
         if src is Tier.DISK and self._spill is not None:

@@ -12,8 +12,9 @@ import copy
 import pytest
 import torch
 
-from lightning_tiercache import ActivationOffloader, offload_activations
+from lightning_tiercache import ActivationOffloader, TierConfig, TierStore, offload_activations
 from lightning_tiercache.bench.gpt import GPT, GPTConfig
+from lightning_tiercache.store.tiers.device import DeviceOps
 
 TINY = GPTConfig(vocab_size=64, seq_len=16, n_layer=2, n_head=2, d_model=32)
 STORES = {
@@ -67,3 +68,60 @@ def test_grads_bit_exact_with_delayed_copies(sim_store, tiers, seed):
     else:
         assert st["spills"] > 0 and st["reads"] > 0
     assert store.device_ops.counts["downloads"] > 0 and store.device_ops.counts["uploads"] > 0
+
+
+class _StallingClock(DeviceOps):
+    """A CPU device whose compute-stream clock shows each hand-over stalling 5 ms, as CUDA's stream wait does
+    while the host returns at once."""
+
+    STALL_S = 5e-3
+
+    def __init__(self) -> None:
+        super().__init__(torch.device("cpu"))
+        self.now = 0.0
+        self.stamps = 0
+
+    def stamp(self):
+        self.stamps += 1
+        if self.stamps % 2 == 0:  # the second stamp of an unpack: after the hand-over
+            self.now += self.STALL_S
+        else:
+            self.now += 1e-3  # backward compute between unpacks
+        return _Stamp(self.now)
+
+    def seconds_between(self, start, end):
+        return end.at - start.at
+
+
+class _Stamp:
+    def __init__(self, at: float) -> None:
+        self.at = at
+
+    def query(self) -> bool:
+        return True
+
+    def synchronize(self) -> None:
+        pass
+
+
+def test_the_plan_measures_the_stall_on_the_device_clock(spill_parent):
+    """Note: [device-timed plan] -- the host sees no wait; the compute stream stalled at every unpack."""
+    ops = _StallingClock()
+    cfg = TierConfig(device_bytes="16KiB", host_bytes="64MiB", disk_bytes=0, spill_dir=str(spill_parent))
+    store = TierStore(cfg, device_ops=ops)
+    try:
+        model = GPT(TINY)
+        off = ActivationOffloader(store, min_bytes=256, module=model)
+        for x, y in [model.batch(2) for _ in range(2)]:
+            with off:
+                loss = model(x, y).loss
+            loss.backward()
+        with off:  # the next forward plans from the measured backward
+            pass
+        st = off.stats()
+        unpacks = st["unpacks"]
+        assert st["measured_steps"] >= 1
+        assert st["last_unpack_wait_s"] == pytest.approx(_StallingClock.STALL_S * st["last_unpack_waits"])
+        assert st["last_unpack_waits"] > 0 and unpacks > 0
+    finally:
+        store.close()

@@ -177,8 +177,10 @@ def test_pinned_buffers_are_reused_across_steps_and_pinned_outside_the_store_loc
     try:
         for step in range(4):
             tensors = [torch.full((32 * 1024,), float(step * 10 + i)) for i in range(6)]  # 6 x 128 KiB
-            handles = [store.put(t, tier=Tier.HOST) for t in tensors]
-            store.settle()
+            handles = []
+            for t in tensors:  # one at a time: a fence job holding the lock would look like ours
+                handles.append(store.put(t, tier=Tier.HOST))
+                store.settle()
             for h, t in zip(handles, tensors, strict=True):
                 assert torch.equal(store.get(h), t)
                 store.free(h)
@@ -189,3 +191,15 @@ def test_pinned_buffers_are_reused_across_steps_and_pinned_outside_the_store_loc
     assert len(pinned_under_lock) == 6  # the first step's buffers, pinned once
     assert not any(pinned_under_lock)
     assert sim.violations == []
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_reload_freed_before_its_upload_ran_is_kept_until_the_copy_finished(sim_store, seed):
+    """Note: [reload freed before use] -- its memory belongs to the compute stream, which could reuse it."""
+    store = sim_store(seed, max_delay_s=2e-2, device_bytes="1MiB", host_bytes="1MiB", disk_bytes=0)
+    h = store.put(torch.randn(1024), tier=Tier.HOST)
+    store.settle()
+    store.prefetch([h])  # lands on the device at once, its upload still queued
+    store.free(h)
+    store.settle()
+    # The fixture fails the test if the upload ran after the store let its destination go.

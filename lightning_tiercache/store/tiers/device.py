@@ -94,6 +94,14 @@ class DeviceOps:
     def compute_wait(self, event: DeviceEvent | None) -> None:
         """Order the compute stream after ``event`` without blocking the host (backpressure)."""
 
+    def stamp(self) -> DeviceEvent | None:
+        """A timing event recorded on the compute stream now (``None``: the host clock is the device's)."""
+        return None
+
+    def seconds_between(self, start: DeviceEvent, end: DeviceEvent) -> float | None:
+        """Device time from ``start`` to ``end`` (two :meth:`stamp` events); ``None`` until both completed."""
+        return None
+
     def close(self) -> None:
         """Release what the device holds (streams, threads)."""
 
@@ -185,6 +193,16 @@ class CudaOps(DeviceOps):
     def compute_wait(self, event: DeviceEvent | None) -> None:
         if event is not None:
             torch.cuda.current_stream(self.device).wait_event(event)  # type: ignore[arg-type]
+
+    def stamp(self) -> DeviceEvent | None:
+        event = cuda_event(timing=True)
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    def seconds_between(self, start: DeviceEvent, end: DeviceEvent) -> float | None:
+        if not (start.query() and end.query()):
+            return None
+        return float(start.elapsed_time(end)) / 1000.0  # type: ignore[attr-defined]
 
 
 def make_ops(device: torch.device) -> DeviceOps:

@@ -248,6 +248,15 @@ class SimulatedDevice(DeviceOps):
     def ready(self, tensor: torch.Tensor) -> DeviceEvent | None:
         return None  # CPU kernels finished before the call returned
 
+    def stamp(self) -> DeviceEvent | None:
+        event = SimEvent()
+        event.complete()  # the compute stream is the calling thread: it is here now
+        return event
+
+    def seconds_between(self, start: DeviceEvent, end: DeviceEvent) -> float | None:
+        t0, t1 = getattr(start, "time_s", None), getattr(end, "time_s", None)
+        return None if t0 is None or t1 is None else t1 - t0
+
     def close(self) -> None:
         self._down.close()
         self._up.close()
