@@ -14,6 +14,7 @@ Two jobs, both exact by default:
 from __future__ import annotations
 
 import collections
+import functools
 import importlib.metadata
 import typing
 import weakref
@@ -120,7 +121,7 @@ class TieredKVCache(Cache):
             "block_tokens": str(self.config.block_tokens),
             "quant": f"{self.config.quant}/{self.config.quant_group}",
             "torch": torch.__version__,
-            "transformers": importlib.metadata.version("transformers"),
+            "transformers": _transformers_version(),
         }
         self.model_version = str(version)
         self.namespace = namespace(self._fields)
@@ -345,6 +346,11 @@ class TieredKVCache(Cache):
         if self.prefix.persist is not None:
             out.update(self.prefix.persist.counts)
         return out
+
+
+@functools.cache
+def _transformers_version() -> str:
+    return importlib.metadata.version("transformers")  # reads package metadata files: once per process
 
 
 def _position_ids(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

@@ -197,7 +197,8 @@ class PrefixBlocks:
         sample = next(iter(parts.values()))
         _, heads, _, dim = sample.shape
         out = sample.new_empty((2, len(rows), heads, capacity, dim))
-        out[..., :n, :].zero_()
+        for r, row in enumerate(rows):  # only padding needs zeros: blocks cover the rest of columns < n
+            out[:, r, :, : min(row.start, n)].zero_()
         for (r, j), block in parts.items():
             lo = rows[r].start + j * blk
             if lo >= n:
