@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHES = ("limits", "store", "activations", "kv", "oom", "overhead")
+BENCHES = ("limits", "store", "activations", "kv", "oom", "overhead", "ddp")
 
 
 def main(argv: list[str] | None = None) -> int:
