@@ -34,6 +34,7 @@ SECTIONS = {
     "oom": "tiercache: OOM recovery",
     "kv": "tiercache: KV cache",
 }
+_PLACEHOLDER_ENTITY, _PLACEHOLDER_PROJECT = "ENTITY", "PROJECT"  # shown by a dry run without them
 _INSTALL_HINT = "the dashboard needs the W&B workspace API: pip install wandb-workspaces"
 _TIERS = ("device", "host", "disk")
 _TITLES = {"store/ratio": "hit rate", "store/count": "store events (count)"}
@@ -102,12 +103,16 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m lightning_tiercache.dashboard",
         description="Create a W&B workspace with tiercache's panels for a project.",
     )
-    parser.add_argument("--entity", required=True, help="W&B entity (user or team)")
-    parser.add_argument("--project", required=True, help="W&B project")
+    parser.add_argument("--entity", help="W&B entity (user or team); needed to save, optional with --dry-run")
+    parser.add_argument("--project", help="W&B project; needed to save, optional with --dry-run")
     parser.add_argument("--name", default="tiercache health", help="workspace name")
     parser.add_argument("--dry-run", action="store_true", help="build the panels and print them; upload nothing")
     parser.add_argument("--json", action="store_true", help="print the panel spec as JSON")
     args = parser.parse_args(argv)
+    if not args.dry_run and not (args.entity and args.project):
+        parser.error("--entity and --project are needed to save the workspace (or look at it first with --dry-run)")
+    args.entity = args.entity or _PLACEHOLDER_ENTITY
+    args.project = args.project or _PLACEHOLDER_PROJECT
     spec = panel_spec(args.name)
     if args.json:
         print(json.dumps({"entity": args.entity, "project": args.project, **spec}, indent=2))

@@ -164,3 +164,16 @@ def test_count_fit_runs_one_fit_on_one_thread():
     finally:
         torch.set_num_threads(threads)
         gc.unfreeze()
+
+
+def test_bench_help_describes_every_benchmark_and_an_unknown_one_is_an_invalid_choice(capsys):
+    from lightning_tiercache.bench.__main__ import BENCHES
+
+    assert bench_main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in BENCHES:
+        (line,) = [x for x in out.splitlines() if x.startswith(f"  {name} ")]
+        assert len(line.split()) > 3, line  # a description, not only the name
+    assert bench_main(["bogus"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'bogus' (choose from limits," in err

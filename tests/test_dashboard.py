@@ -58,6 +58,16 @@ def test_cli_dry_run_json_prints_the_spec_without_network(capsys: pytest.Capture
     assert sorted(line_keys(out)) == sorted(s.key for s in METRICS)
 
 
+def test_cli_dry_run_needs_no_entity_but_saving_does(capsys: pytest.CaptureFixture[str]) -> None:
+    assert dashboard.main(["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "[tiercache: tiers and prefetch]" in out and "for ENTITY/PROJECT built locally, not saved" in out
+    with pytest.raises(SystemExit) as exit_info:
+        dashboard.main([])
+    assert exit_info.value.code == 2
+    assert "--entity and --project are needed to save the workspace" in capsys.readouterr().err
+
+
 def test_cli_without_the_workspace_package_says_how_to_install(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -73,3 +73,32 @@ def test_missing_matplotlib_gives_the_install_hint(tmp_path: Path, monkeypatch: 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
     with pytest.raises(ImportError, match="pip install matplotlib"):
         report.render(tmp_path)
+
+
+def _series(steps: range, **values: float) -> dict[str, list[tuple[int, float]]]:
+    return {f"tiercache/{k.replace('__', '/')}": [(s, v) for s in steps] for k, v in values.items()}
+
+
+def test_plan_titles_a_fine_tune_and_draws_only_what_it_did() -> None:
+    history = _series(
+        range(4, 20, 5), device__peak_bytes=2**20, host__peak_bytes=2**22, disk__peak_bytes=0.0,
+        device__budget_use=1.5, host__budget_use=0.5, disk__budget_use=0.0, gets=10, hit_rate=0.6,
+        prefetch__wait_share=0.4, prefetch__wait_p95_s=0.002, activations__offloaded_bytes=1.0,
+        oom__retries=0, oom__micro_batches=1, kv__hit_rate=0.0, kv__blocks=0,
+    )  # fmt: skip
+    title, panels = report.plan(history, name="finetune/version_0")
+    assert title == "tiercache, fine-tune: finetune/version_0"
+    tiers, budget = panels[0], panels[1]
+    assert [label for label, _ in tiers.lines] == ["device", "host"]  # the disk held nothing
+    assert budget.refs == ((1.0, "budget"),)
+    titles = " ".join(p.title for p in panels)
+    assert "OOM" not in titles and "KV" not in titles  # no OOM happened; a fine-tune has no KV panel
+
+
+def test_plan_shows_oom_recovery_after_an_oom_and_the_kv_cache_in_eval() -> None:
+    oom = report.plan(_series(range(3), activations__offloaded_bytes=1.0, oom__retries=1, oom__micro_batches=2))[1]
+    assert [p.title for p in oom] == ["OOM recovery"]
+    title, panels = report.plan(_series(range(3), device__peak_bytes=2**20, kv__blocks=4, kv__hit_rate=0.8))
+    assert title == "tiercache, eval"
+    assert [p.title for p in panels][-1].startswith("KV cache")
+    assert "budget use" not in " ".join(p.title for p in panels)  # budget use 0 everywhere: no flat panel
