@@ -194,7 +194,7 @@ METRICS: tuple[MetricSpec, ...] = (
 )
 _BY_KEY = {s.key: s for s in METRICS}
 #: Running counts whose change means a part did work in a window (see :meth:`Telemetry.active`).
-_STORE_ACTIVITY = ("tiercache/puts", "tiercache/gets", "tiercache/spills")
+_STORE_ACTIVITY = ("tiercache/puts", "tiercache/gets")
 _ACTIVITY = (
     *_STORE_ACTIVITY,
     "tiercache/oom/retries",
@@ -372,9 +372,11 @@ class Telemetry:
     def active(self, values: Mapping[str, float], stage: str = "") -> bool:
         """Whether ``values`` (reduced, so every rank answers alike) show work since the previous call.
 
-        Work is a change of a running count (puts, gets, spills; OOM retries and KV tokens served, compared
-        with the previous call for the same ``stage``, since train and eval keep their own) or bytes held in a
-        tier; a window without any is not worth a logged row (a validation that stored nothing).
+        Work is a change of a running count the stage itself drives: entries put or read (the store's
+        counters are shared by every stage), OOM retries and KV blocks and tokens (compared with the previous
+        call for the same ``stage``: train and eval keep their own). Background moves finishing (spills) are
+        not work of the window. A window without work is not worth a logged row (a validation that stored
+        nothing).
         """
         changed = False
         for key in _ACTIVITY:
@@ -382,8 +384,7 @@ class Telemetry:
             value = float(values.get(key, 0.0))
             changed |= self._activity.get(slot, 0.0) != value
             self._activity[slot] = value
-        held = any(values.get(f"tiercache/{t}/peak_bytes", 0.0) > 0 for t in ("device", "host", "disk"))
-        return held or changed
+        return changed
 
     def _store_values(self, st: Mapping[str, Any], window: float, *, cuda: bool) -> dict[str, float]:
         out: dict[str, float] = {}

@@ -69,9 +69,10 @@ class Recorder(Logger):
 
 
 def callback(spill: Path, **kw: Any) -> TierCacheCallback:
+    # No disk tier: where an entry lands does not depend on when a background spill finishes.
     kw.setdefault("device_bytes", "16KiB")
-    kw.setdefault("host_bytes", "48KiB")
-    kw.setdefault("disk_bytes", "64MiB")
+    kw.setdefault("host_bytes", "1MiB")
+    kw.setdefault("disk_bytes", 0)
     return TierCacheCallback(spill_dir=str(spill), min_offload_bytes=1024, **kw)
 
 
