@@ -7,8 +7,11 @@ tensor back and starts fetching the entries the next backward regions need (see
 variable, so ``retain_graph=True``, double backward and an exception mid-forward need no special handling.
 
 Policy: parameters, leaves that need grad and views of either stay put (offloading them frees nothing);
-tensors under ``min_bytes`` stay put; tensors sharing a storage are stored once. The last
-``keep_tail_bytes`` of the forward stay in the device tier: their backward runs first.
+tensors under ``min_bytes`` stay put; tensors sharing a storage are stored once. Only what the device budget
+cannot hold is offloaded: the end of the forward that fits stays in the device tier (its backward runs
+first), the start leaves (see :mod:`lightning_tiercache.activations.budget`). Entries of
+``torch.utils.checkpoint`` regions are the regions' inputs (autograd hands this offloader nothing else from
+inside them), so with checkpointing the inputs are what is offloaded.
 
 Note: [release after copy]
     On CUDA, ``TierStore.put(t, tier=HOST)`` records an event on the producing stream, copies on a side
@@ -32,6 +35,7 @@ import dataclasses
 import logging
 import threading
 import time
+import typing
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -39,6 +43,7 @@ from typing import Any
 
 import torch
 
+from lightning_tiercache.activations.budget import CompiledBackwardCheck, resident_tail_bytes
 from lightning_tiercache.activations.idle import IdleGate
 from lightning_tiercache.activations.prefetch_plan import (
     ForwardPass,
@@ -82,11 +87,23 @@ _IDLE = contextlib.nullcontext()
 _COUNTERS = (
     "packed", "packed_bytes", "skipped_params", "skipped_small", "skipped_dup", "skipped_other", "skipped_bytes",
     "bytes_offloaded", "bytes_kept", "unpacks", "unpack_waits", "unpack_misses", "prefetches", "steps",
+    "compiled_backward_warnings",
 )  # fmt: skip
 
 
 #: Tiers an offloaded tensor may be sent to (the highest it may land in; a full tier passes it further down).
-OFFLOAD_TIERS = ("host", "disk")
+#: ``auto``: the host tier when the store's device is an accelerator; disk where the device is the CPU, whose
+#: "host tier" is the same RAM (offloading there would free nothing).
+OFFLOAD_TIERS = ("auto", "host", "disk")
+
+
+def offload_tier_for(tier: Tier | str, device: torch.device) -> Tier:
+    """The tier a config's ``tier`` sends activations to on a store serving ``device``."""
+    if isinstance(tier, Tier):
+        return tier
+    if tier == "auto":
+        return Tier.DISK if device.type == "cpu" else Tier.HOST
+    return Tier[tier.upper()]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,14 +112,16 @@ class OffloadConfig:
 
     Args:
         min_bytes: saved tensors smaller than this stay where they are.
-        keep_tail_bytes: bytes at the end of the forward kept in the device tier (their backward runs first).
-            ``None``: planned from measurement (0 on the first step).
+        keep_tail_bytes: most bytes at the end of the forward kept in the device tier (their backward runs
+            first). ``None``: as much as the device tier's room allows (see
+            :func:`~lightning_tiercache.activations.budget.resident_tail_bytes`); a number is capped by it too.
         lead_bytes: how far ahead of backward prefetch runs. ``None``: planned from measured bandwidth and
             backward time (one entry on the first step).
         max_lead_bytes: upper bound of a planned lead and tail. ``None``: a fifth of a step's saved bytes.
         prefetch: fetch entries ahead of backward; ``False`` reloads each on demand.
         dedup: store tensors that share a storage once.
         tier: the highest tier offloaded tensors go to, one of :data:`OFFLOAD_TIERS` (or a ``Tier``).
+            ``auto``: host with an accelerator, disk on a CPU-only store.
         wait_threshold_s: an ``unpack`` blocked longer than this counts as a wait.
         idle_probe_every: after a forward that stored nothing, forwards entered through ``for_batch`` with
             batches no larger skip the saved-tensor hooks, except one in every ``idle_probe_every``, which checks
@@ -115,7 +134,7 @@ class OffloadConfig:
     max_lead_bytes: int | str | None = None
     prefetch: bool = True
     dedup: bool = True
-    tier: Tier | str = "host"
+    tier: Tier | str = "auto"
     wait_threshold_s: float = 1e-4
     idle_probe_every: int = 64
 
@@ -131,7 +150,7 @@ class OffloadConfig:
         tier = self.tier.label if isinstance(self.tier, Tier) else self.tier
         if tier not in OFFLOAD_TIERS:
             raise ValueError(f"tier={self.tier!r} is not one of {', '.join(OFFLOAD_TIERS)}")
-        object.__setattr__(self, "tier", Tier.HOST if tier == "host" else Tier.DISK)
+        object.__setattr__(self, "tier", {"host": Tier.HOST, "disk": Tier.DISK}.get(tier, "auto"))
         n = self.idle_probe_every
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"idle_probe_every={n!r} must be an int >= 0")
@@ -139,9 +158,9 @@ class OffloadConfig:
         if isinstance(w, bool) or not isinstance(w, int | float) or not 0 <= w < 60:
             raise ValueError(f"wait_threshold_s={w!r} must be a number of seconds in [0, 60)")
 
-    @property
-    def offload_tier(self) -> Tier:
-        return self.tier if isinstance(self.tier, Tier) else Tier[self.tier.upper()]
+    def offload_tier(self, device: torch.device) -> Tier:
+        """The tier offloaded tensors go to on a store serving ``device`` (``auto`` resolved)."""
+        return offload_tier_for(self.tier, device)
 
 
 class ActivationOffloader:
@@ -201,6 +220,11 @@ class ActivationOffloader:
         self._param_ptrs: frozenset[int] | None = frozenset()  # None: collect on first need this forward
         self._dtype_ok: dict[torch.dtype, bool] = {}
         self._warned_compile = False
+        self._tier = self.config.offload_tier(store.device)
+        if self.config.tier == "auto" and self._tier is Tier.DISK and not store.budgets[Tier.DISK]:
+            self._tier = Tier.HOST  # spilling is off: the host tier is all there is below the device
+        self.compiled_check = CompiledBackwardCheck()
+        self._last_tail = 0
         self._last_store: dict[str, Any] | None = None
         self._last_offloaded = 0
         self._h2d_bytes_per_s: float | None = None
@@ -237,14 +261,22 @@ class ActivationOffloader:
         hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
         hooks.__enter__()
         shapes, self._local.shapes = getattr(self._local, "shapes", None), None
-        self._stack().append((hooks, ForwardPass(), shapes))
+        p = ForwardPass()
+        room = self.store.room(Tier.DEVICE)
+        p.tail_bytes = resident_tail_bytes(
+            room, self.planner.lead_bytes, self.planner.max_item_bytes, self.planner.fixed_tail
+        )
+        p.budget_bytes = self.store.budgets[Tier.DEVICE]
+        self._last_tail = p.tail_bytes
+        self._stack().append((hooks, p, shapes))
         return self
 
     def __exit__(self, *exc: object) -> None:
         hooks, p, shapes = self._stack().pop()
         hooks.__exit__(*exc)
         if exc[0] is None:
-            self.gate.observe(shapes, stored=bool(p.order))
+            # Nothing left the device tier: forwards of batches no larger fit the budget too.
+            self.gate.observe(shapes, stored=p.offloaded_bytes > 0)
         self._end_forward(p)
         if self._deferred:
             self._drain()
@@ -325,16 +357,17 @@ class ActivationOffloader:
         if self.config.dedup:
             storage = tensor.untyped_storage()
             p.dedup[storage.data_ptr()] = (storage_ref(storage), weakref.ref(slot))
-        tail = self.planner.keep_tail_bytes
-        if tail <= 0:
-            slot.handle = self.store.put(flat, tier=self.config.offload_tier)
+        tail = p.tail_bytes
+        if slot.nbytes > tail:  # cannot stay resident whatever comes after it
+            slot.handle = self.store.put(flat, tier=self._tier)
             slot.tensor = None
             offloaded = slot.nbytes
         else:
-            slot.handle = self.store.put(flat)
+            slot.handle = self.store.put(flat, evict_to=self._tier)
             p.window.append((weakref.ref(slot), slot.nbytes))
             p.window_bytes += slot.nbytes
             offloaded = self._shrink_window(p, tail)
+        p.offloaded_bytes += offloaded
         with self._lock:
             self._counts["packed"] += 1
             self._counts["packed_bytes"] += slot.nbytes
@@ -350,10 +383,15 @@ class ActivationOffloader:
             slot = ref()
             if slot is None or slot.tensor is None or slot.handle is None:
                 continue
-            old = slot.handle
-            slot.handle = self.store.put(slot.tensor, tier=self.config.offload_tier)  # Note: [release after copy]
-            slot.tensor = None
+            if self.store.where(slot.handle) is not Tier.DEVICE:  # pressure already moved it down
+                slot.tensor = None
+                moved += slot.nbytes
+                continue
+            # Freed before the new entry is made, so the device tier never counts these bytes twice.
+            old, slot.handle = slot.handle, None
             self.store.free(old)
+            slot.handle = self.store.put(slot.tensor, tier=self._tier)  # Note: [release after copy]
+            slot.tensor = None
             moved += slot.nbytes
         return moved
 
@@ -454,6 +492,9 @@ class ActivationOffloader:
                 with self._lock:
                     self._counts["prefetches"] += len(handles)
         p.record(now, slot.seq, 0 if slot.unpacked else slot.nbytes, wait)
+        if not slot.unpacked and p.offloaded_bytes and self.compiled_check.observe(slot.nbytes, p.budget_bytes):
+            with self._lock:
+                self._counts["compiled_backward_warnings"] += 1
         with self._lock:
             self._counts["unpacks"] += 1
             self._counts["unpack_waits"] += wait > self.config.wait_threshold_s
@@ -540,7 +581,10 @@ class ActivationOffloader:
         ``skipped_other``, ``skipped_bytes`` (small and other tensors left in place), ``bytes_offloaded``
         (bytes sent below the device tier), ``bytes_kept`` (the resident tails), ``unpacks``, ``unpack_waits``,
         ``unpack_wait_s``, ``unpack_wait_max_s``, ``unpack_misses``, ``prefetches``, ``steps``, ``measured_steps``,
-        ``lead_bytes``, ``keep_tail_bytes``, ``prefetch_lead`` (the lead in average entries),
+        ``lead_bytes``, ``keep_tail_bytes`` (the last forward's resident tail, from the device budget),
+        ``prefetch_lead`` (the lead in average entries), ``compiled_backward_warnings`` (1 once a compiled
+        graph's backward reloaded more than the budget allows, see
+        :class:`~lightning_tiercache.activations.budget.CompiledBackwardCheck`),
         ``last_backward_s``, ``last_unpack_wait_s``, ``last_unpack_waits``, ``pending_frees``, ``idle_steps``
         (forwards that ran without hooks: nothing to offload).
         """
@@ -551,7 +595,7 @@ class ActivationOffloader:
             out["unpack_wait_max_s"] = self._times["unpack_wait_max_s"]
         out["measured_steps"] = self.planner.measured_steps
         out["lead_bytes"] = self.planner.lead_bytes
-        out["keep_tail_bytes"] = self.planner.keep_tail_bytes
+        out["keep_tail_bytes"] = self._last_tail
         out["prefetch_lead"] = self.planner.lead_entries
         out["last_backward_s"] = self._last.get("backward_s", 0.0)
         out["last_unpack_wait_s"] = self._last.get("unpack_wait_s", 0.0)
@@ -614,8 +658,9 @@ def offload_activations(target: TierStore | ActivationOffloader, **kwargs: Any) 
     """Offload tensors saved for backward inside the ``with`` block.
 
     Args:
-        target: a store (a new :class:`ActivationOffloader` is made over it) or an offloader to reuse; reuse
-            one across steps so later steps run on the measured plan.
+        target: a store or an offloader. With a store, the offloader it made for the same arguments before is
+            used again (one per store and set of arguments, ``module`` included), so the steps after the
+            first run on the measured plan.
         **kwargs: offloader arguments, only with a store.
 
     Raises:
@@ -633,11 +678,24 @@ def offload_activations(target: TierStore | ActivationOffloader, **kwargs: Any) 
             raise TypeError(f"offload_activations(offloader) takes no keyword arguments, got {sorted(kwargs)}")
         off = target
     elif isinstance(target, TierStore):
-        off = ActivationOffloader(target, **kwargs)
+        off = _offloader_of(target, kwargs)
     else:
         raise TypeError(f"offload_activations() takes a TierStore or an ActivationOffloader, got {type(target)}")
     with off:
         yield off
+
+
+def _offloader_of(store: TierStore, kwargs: dict[str, Any]) -> ActivationOffloader:
+    """The offloader ``store`` keeps for these arguments (made on first use; unhashable ones are not kept)."""
+    try:
+        key = ("offloader", tuple(sorted((k, id(v) if k == "module" else v) for k, v in kwargs.items())))
+        hash(key)
+    except TypeError:
+        return ActivationOffloader(store, **kwargs)
+    off = store.attachments.get(key)
+    if off is None:
+        off = store.attachments[key] = ActivationOffloader(store, **kwargs)
+    return typing.cast(ActivationOffloader, off)
 
 
 @contextlib.contextmanager

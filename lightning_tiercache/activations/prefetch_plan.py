@@ -4,7 +4,7 @@ One :class:`ForwardPass` holds what one forward saved, in forward order, and wha
 saved entry was unpacked and how long ``unpack`` blocked. Backward consumes entries roughly in reverse forward
 order, so while the backward of one region runs, the entries just below it in forward order are fetched.
 
-:class:`PrefetchPlanner` turns a recorded pass into two numbers for the next steps:
+:class:`PrefetchPlanner` turns a recorded pass into the prefetch lead of the next steps:
 
 * ``lead_bytes``: how far below the entry being unpacked prefetch runs. To hide a reload, its copy must finish
   within the backward compute that runs before the entry is needed. With ``r`` the fastest measured backward
@@ -12,10 +12,10 @@ order, so while the backward of one region runs, the entries just below it in fo
   per byte of a reload and ``m`` the largest entry, the lead must cover ``r * (m * load + latency)`` bytes;
   the planner keeps twice that, at least one entry, at most ``max_lead_bytes``. When a step still waited, a
   boost factor grows the lead; it decays when steps stop waiting.
-* ``keep_tail_bytes``: how much of the end of the forward stays resident. Its backward runs first, while the
-  first lead's worth of entries comes back, so it is sized like the lead.
 
-The first step has no measurement: it runs with no tail and a lead of one entry, and measures.
+How much of the end of the forward stays resident is the device budget's call
+(:mod:`lightning_tiercache.activations.budget`); the planner keeps the largest entry it measured, which that
+plan reserves room for. The first step has no measurement: it runs with a lead of one entry, and measures.
 """
 
 from __future__ import annotations
@@ -54,6 +54,9 @@ class ForwardPass:
             bytes) and parameters or views of them, all left in place; counted here, without the lock.
         stamps: on a device with its own clock, one pair of compute-stream timing events per unpack (before
             and after the hand-over); :meth:`device_timed` turns ``events`` into device times with them.
+        tail_bytes, budget_bytes: the resident tail planned for this forward from the device tier's room, and
+            that tier's budget when it started.
+        offloaded_bytes: bytes this forward sent below the device tier.
     """
 
     order: list[weakref.ref[Any]] = dataclasses.field(default_factory=list)
@@ -70,6 +73,9 @@ class ForwardPass:
     small_bytes: int = 0
     params: int = 0
     stamps: list[tuple[Any, Any]] = dataclasses.field(default_factory=list)
+    tail_bytes: int = 0
+    budget_bytes: int = 0
+    offloaded_bytes: int = 0
 
     @property
     def total_bytes(self) -> int:
@@ -168,12 +174,12 @@ def measure_pass(p: ForwardPass, load_s_per_byte: float, wait_threshold_s: float
 
 
 class PrefetchPlanner:
-    """The tuned prefetch lead and resident tail, updated from measured steps.
+    """The tuned prefetch lead, updated from measured steps.
 
     Args:
         lead_bytes: a fixed lead; ``None`` plans it from measurement.
-        keep_tail_bytes: a fixed resident tail; ``None`` plans it from measurement.
-        max_lead_bytes: upper bound of a planned lead and tail; ``None``: a fifth of a step's saved bytes.
+        keep_tail_bytes: a fixed upper bound of the resident tail (kept as ``fixed_tail``), or ``None``.
+        max_lead_bytes: upper bound of a planned lead; ``None``: a fifth of a step's saved bytes.
     """
 
     def __init__(
@@ -189,19 +195,13 @@ class PrefetchPlanner:
         self.measured_steps = 0
         self.entries_per_step = 0
         self.bytes_per_step = 0
+        self.max_item_bytes = 0
 
     @property
     def lead_bytes(self) -> int:
         """The lead in use: the fixed one, else the planned one, else 0 (one entry ahead)."""
         if self.fixed_lead is not None:
             return self.fixed_lead
-        return self.planned_lead or 0
-
-    @property
-    def keep_tail_bytes(self) -> int:
-        """The resident tail in use: the fixed one, else the planned one (the lead), else 0."""
-        if self.fixed_tail is not None:
-            return self.fixed_tail
         return self.planned_lead or 0
 
     @property
@@ -228,6 +228,7 @@ class PrefetchPlanner:
         self.measured_steps += 1
         self.entries_per_step = m.entries
         self.bytes_per_step = m.total_bytes
+        self.max_item_bytes = m.max_item_bytes
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -57,8 +57,11 @@ class TierCacheCallback(Callback):
         io_threads: **store** -- disk I/O threads per rank.
         offload_activations: **activations** -- offload saved activations to the store during ``fit``.
         min_offload_bytes: **activations** -- activations smaller than this stay where they are.
-        offload_keep_tail_bytes: **activations** -- bytes at the end of the forward kept resident (``None``:
-            from measurement).
+        offload_tier: **activations** -- where offloaded activations go: ``host``, ``disk``, or ``auto`` (host
+            with CUDA; disk on a CPU-only machine, whose host tier is the same RAM, so only the disk frees memory
+            there). Only what the device budget (``device_bytes``) cannot hold is offloaded.
+        offload_keep_tail_bytes: **activations** -- most bytes at the end of the forward kept resident
+            (``None``: what the device budget leaves room for).
         offload_idle_probe_every: **activations** -- once a forward had nothing to offload, forwards of batches
             no larger skip the saved-tensor hooks except one in this many; ``0`` keeps them on (models whose
             saved sizes depend on the data, not the input shapes).
@@ -116,7 +119,8 @@ class TierCacheCallback(Callback):
     ``tiercache/prefetch/{wait_share,wait_p50_s,wait_p95_s,wait_s}``,
     ``tiercache/bandwidth/{to_device,to_host,to_disk,from_disk}_bytes_per_s``, ``tiercache/puts``,
     ``tiercache/gets``, ``tiercache/spills``, ``tiercache/evictions``, ``tiercache/drops``,
-    ``tiercache/disk_errors_recovered``, ``tiercache/ranks``, ``tiercache/host_ram/{rss_bytes,available_bytes}``,
+    ``tiercache/overcommits``, ``tiercache/disk_errors_recovered``, ``tiercache/ranks``,
+    ``tiercache/host_ram/{rss_bytes,available_bytes}``,
     ``tiercache/device_memory/{allocated_bytes,reserved_bytes,alloc_retries}`` (CUDA),
     ``tiercache/activations/{offloaded_bytes,unpack_wait_share,unpack_wait_s,prefetch_lead}`` (fit),
     ``tiercache/oom/{retries,micro_batches}``, ``tiercache/kv/{hit_rate,hit_tokens,blocks,evictions}`` (eval),
@@ -146,6 +150,7 @@ class TierCacheCallback(Callback):
         io_threads: int = 2,
         offload_activations: bool = True,
         min_offload_bytes: int | str = "64KiB",
+        offload_tier: str = "auto",
         offload_keep_tail_bytes: int | str | None = None,
         offload_idle_probe_every: int = 64,
         oom_recovery: bool = True,
@@ -177,6 +182,7 @@ class TierCacheCallback(Callback):
         offload: dict[str, Any] = {
             "min_bytes": parse_bytes(min_offload_bytes, "min_offload_bytes"),
             "idle_probe_every": offload_idle_probe_every,
+            "tier": offload_tier,
         }
         if offload_keep_tail_bytes is not None:
             offload["keep_tail_bytes"] = parse_bytes(offload_keep_tail_bytes, "offload_keep_tail_bytes")
@@ -195,6 +201,10 @@ class TierCacheCallback(Callback):
             isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1
         ):
             raise ValueError(f"log_every_n_steps={log_every_n_steps!r} must be an int >= 1 or None")
+        from lightning_tiercache.activations.offloader import OFFLOAD_TIERS
+
+        if offload_tier not in OFFLOAD_TIERS:
+            raise ValueError(f"offload_tier={offload_tier!r} is not one of {', '.join(OFFLOAD_TIERS)}")
         n = offload_idle_probe_every
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"offload_idle_probe_every={n!r} must be an int >= 0")

@@ -159,10 +159,17 @@ class TierRuntime:
             self.kv.set_model_version(version)
 
     def batch_start(self, batch: Any, *, eval: bool) -> None:
-        """Settle the store; before an eval batch, start bringing its stored prompt blocks up the tiers."""
+        """Before an eval batch, settle the store and start bringing the batch's stored prompt blocks up the tiers.
+
+        A training batch does not wait for the store: what is still in flight from the last step are writes of
+        activations its backward already freed (skipped when their turn comes), and the store's backpressure
+        bounds anything else.
+        """
+        if not eval:
+            return
         if self.store is not None:
             self.store.settle()
-        if eval and self.kv is not None:
+        if self.kv is not None:
             ids = batch_input_ids(batch)
             if ids is not None:
                 mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None

@@ -140,6 +140,14 @@ METRICS: tuple[MetricSpec, ...] = (
     _S("tiercache/evictions", "sum", "store", "count", "max", "entries moved down a tier by the policy so far"),
     _S("tiercache/drops", "sum", "store", "count", "max", "cache entries dropped under pressure so far"),
     _S(
+        "tiercache/overcommits",
+        "sum",
+        "store",
+        "count",
+        "max",
+        "times a tier stayed over budget with required entries that had nowhere to go, so far",
+    ),
+    _S(
         "tiercache/disk_errors_recovered",
         "sum",
         "store",
@@ -415,6 +423,7 @@ class Telemetry:
         out["tiercache/spills"] = float(st.get("spills", 0))
         out["tiercache/evictions"] = float(st.get("evictions", 0))
         out["tiercache/drops"] = float(st.get("drops", 0))
+        out["tiercache/overcommits"] = float(st.get("overcommits", 0))
         out["tiercache/disk_errors_recovered"] = float(
             sum(st.get(k, 0) for k in ("disk_full", "disk_errors", "corrupt", "missing"))
         )

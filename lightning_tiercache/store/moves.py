@@ -107,6 +107,16 @@ class Jobs:
             if not_done and deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"{len(not_done)} moves still in flight after {timeout_s}s")
 
+    def wait_one(self) -> float | None:
+        """Block until one job in flight finishes: the seconds waited, or ``None`` when none was in flight."""
+        with self._lock:
+            pending = list(self._inflight)
+        if not pending:
+            return None
+        start = time.perf_counter()
+        cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+        return time.perf_counter() - start
+
     def shutdown(self) -> None:
         self.io.shutdown(wait=True, cancel_futures=True)
         self.fence.shutdown(wait=True, cancel_futures=True)
@@ -285,6 +295,11 @@ class Spill(_Mover):
             raise
 
     def _write(self, e: Entry, src: Tier) -> None:
+        with self.lock:
+            if e.freed:  # freed while its write was queued: nothing needs these bytes any more
+                self.counts["writes_skipped"] += 1
+                self.landed(e, src, Tier.DISK, None, None, None)
+                return
         data = typing.cast(torch.Tensor, e.data)
         buf: torch.Tensor | None = None
         if src is Tier.DEVICE and self.ops.moves_bytes:

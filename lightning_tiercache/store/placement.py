@@ -40,6 +40,7 @@ from lightning_tiercache.store.tiers import Tier
 from lightning_tiercache.store.tiers.device import DeviceEvent, DeviceOps, make_ops
 from lightning_tiercache.store.tiers.disk import DiskFullError, SpillDir
 from lightning_tiercache.store.tiers.host import PinnedPool
+from lightning_tiercache.store.tiers.trim import Trimmer
 
 __all__ = ["Entry", "Handle", "Kind", "Tier", "TierStore"]
 
@@ -88,6 +89,7 @@ class Entry:
     freed: bool = False
     dropped: bool = False
     no_disk: bool = False
+    floor: Tier = Tier.DEVICE  # the highest tier pressure may move it down to (see ``put(evict_to=...)``)
 
 
 class TierStore:
@@ -157,6 +159,10 @@ class TierStore:
         )  # fmt: skip
         self._dropped_ids: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._closed = False
+        self._trimmer = Trimmer()
+        #: Per-store state of the parts built on this store (e.g. the offloader ``offload_activations(store)``
+        #: reuses), living as long as the store; keys are the parts' own.
+        self.attachments: dict[Any, Any] = {}
 
     # ------------------------------------------------------------------ public API
 
@@ -165,6 +171,11 @@ class TierStore:
         """Current byte budget of each tier."""
         with self._lock:
             return dict(self._budget)
+
+    def room(self, tier: Tier) -> int:
+        """Bytes of ``tier``'s budget not in use now (negative when it is over budget)."""
+        with self._lock:
+            return self._budget[tier] - self._used[tier]
 
     @property
     def device_ops(self) -> DeviceOps:
@@ -183,12 +194,18 @@ class TierStore:
         kind: Kind | str = Kind.REQUIRED,
         key: str | None = None,
         tier: Tier | None = None,
+        evict_to: Tier | None = None,
     ) -> Handle:
-        """Hand ``tensor`` to the store and return at once; moves happen in the background.
+        """Hand ``tensor`` to the store and return soon; moves happen in the background.
 
         The store keeps a reference to ``tensor`` while it stays in the device tier: do not change it in
-        place afterwards. ``tier`` is the highest tier the entry may land in. An entry with a ``key`` can be
-        found with :meth:`lookup`; a new entry with the same key replaces the old one.
+        place afterwards. ``tier`` is the highest tier the entry may land in; ``evict_to`` the highest tier
+        pressure may later move it down to (``Tier.DISK`` skips the host tier, which frees nothing where the
+        device is the CPU). An entry with a ``key`` can be found with :meth:`lookup`; a new entry with the same
+        key replaces the old one.
+
+        Waits while the device or host tier is over its budget and moves out of it are in flight
+        (Note: [backpressure]), so a tier holds at most its budget plus the entry being put.
 
         Raises:
             TypeError: ``tensor`` is not a tensor, or is not a dense (strided) tensor.
@@ -202,16 +219,29 @@ class TierStore:
         top = self._top_tier(tensor.device)
         nbytes = tensor.numel() * tensor.element_size()
         ready = self._ops.ready(tensor)
+        waited_s = 0.0
+        while True:
+            with self._lock:
+                self._check_open()
+                if not self._over_with_moves():
+                    break
+            waited = self._jobs.wait_one()
+            if waited is None:
+                break
+            waited_s += waited
         # Note: [no allocation under the lock] a pool miss pins fresh memory (a driver call, milliseconds):
         # the buffer of a put bound for the host tier is taken before the lock.
         spare = self._pool.take(nbytes) if self._pool is not None and tier is Tier.HOST and top < tier else None
         with self._lock:
             self._check_open()
+            if waited_s:
+                self._counts["backpressure_waits"] += 1
+                self._busy_s["backpressure"] += waited_s
             if key is not None and key in self._keys:
                 self._free_locked(self._entries[self._keys[key]])
             e = Entry(
                 next(self._ids), kind, key, nbytes, tensor.dtype, tuple(tensor.shape), tensor.device, top, top,
-                data=tensor.detach(), event=ready,
+                data=tensor.detach(), event=ready, floor=evict_to if evict_to is not None else top,
             )  # fmt: skip
             self._entries[e.id] = e
             if key is not None:
@@ -253,6 +283,7 @@ class TierStore:
             e.pins += 1  # nothing moves it down until it has been handed out
         waited = 0.0
         dev: torch.Tensor | None = None  # Note: [no allocation under the lock] made before taking it
+        forced = False
         try:
             while True:
                 alloc = False
@@ -277,13 +308,21 @@ class TierStore:
                                 e.reader = event
                         break
                     target = self._promotion_target(e) if e.move is None and place else None
-                    if e.data is not None and upload and dev is None and (leaving or stays or target is Tier.DEVICE):
+                    hold = target is not None and not forced and self._over_with_moves()  # Note: [backpressure]
+                    if hold:
+                        pass
+                    elif e.data is not None and upload and dev is None and (leaving or stays or target is Tier.DEVICE):
                         alloc = True
                     elif e.move is None and target is not None:
                         self._start_move(e, target, dev)
                         dev = None
                         continue
                     fut = e.move
+                if hold:
+                    held = self._jobs.wait_one()
+                    waited += held or 0.0
+                    forced = held is None  # nothing in flight after all: bring it up now
+                    continue
                 if alloc:
                     dev = self._ops.alloc(e.shape, e.dtype)
                     continue
@@ -317,6 +356,8 @@ class TierStore:
 
         Prefetch is speculative: an upload that would not fit the device's free memory without making the
         allocator release its caches is skipped (counted in ``prefetch_skipped``); ``get`` brings it later.
+        A prefetch also never pushes a tier over its budget: an entry with no room above stays where it is until
+        :meth:`get` asks for it.
         """
         with self._lock:
             self._check_open()
@@ -325,7 +366,7 @@ class TierStore:
                 e = self._entries.get(h.id) if h.store == self._id else None
                 if e is None or e.move is not None or e.tier == e.top:
                     continue
-                target = self._promotion_target(e)
+                target = self._promotion_target(e, with_room=True)
                 if target is not None:
                     todo.append((e, target))
         # Note: [no allocation under the lock] device tensors for the uploads are made first, outside it.
@@ -340,7 +381,9 @@ class TierStore:
                     continue
         with self._lock:
             for e, target in todo:
-                if e.freed or e.move is not None or e.tier == e.top or self._promotion_target(e) is not target:
+                if e.freed or e.move is not None or e.tier == e.top:
+                    continue
+                if self._promotion_target(e, with_room=True) is not target:
                     continue
                 if self._needs_device_buffer(e, target) and e.id not in devs:
                     self._counts["prefetch_skipped"] += 1
@@ -471,10 +514,12 @@ class TierStore:
                 "waits", "evictions", "drops", "spills", "spill_bytes", "spill_file_bytes", "reads", "read_bytes",
                 "bytes_to_host", "bytes_to_device", "disk_full", "disk_errors", "corrupt", "missing",
                 "overcommits", "promotions", "move_errors", "prefetch_skipped", "inflight_waits", "lookup_hits",
-                "lookup_misses", "demote_calls",
+                "lookup_misses", "demote_calls", "writes_skipped", "backpressure_waits",
             ):  # fmt: skip
                 out[name] = self._counts[name]
             out["wait_s"] = self._busy_s["wait"]
+            out["backpressure_s"] = self._busy_s["backpressure"]
+            out["memory_trims"] = self._trimmer.trims
             out["wait_p50_s"] = waits[len(waits) // 2] if waits else 0.0
             out["wait_p95_s"] = waits[min(len(waits) - 1, math.ceil(0.95 * len(waits)) - 1)] if waits else 0.0
             out["pin_failures"] = self._pool.pin_failures if self._pool is not None else 0
@@ -551,24 +596,39 @@ class TierStore:
         raise ValueError(f"this store serves {self.device} (and cpu); got a tensor on {device}")
 
     def _lower(self, e: Entry, tier: Tier) -> Tier | None:
-        for t in _TIERS[tier + 1 :]:
+        for t in _TIERS[max(tier + 1, e.floor) :]:
             if self._budget[t] > 0 and not (t is Tier.DISK and e.no_disk):
                 return t
         return None
 
     def _landing(self, e: Entry, start: Tier) -> Tier:
-        """The highest tier at or below ``start`` whose budget can hold the entry at all."""
+        """The highest tier at or below ``start`` (and at or below its ``floor`` after ``start``) whose budget can
+        hold the entry at all, else its top tier."""
         for t in _TIERS[start:]:
+            if t != start and t < e.floor:
+                continue
             if self._budget[t] >= e.nbytes and not (t is Tier.DISK and e.no_disk):
                 return t
-        return start
+        return e.top  # nothing below can take it: it stays, and pressure decides from there
 
-    def _promotion_target(self, e: Entry) -> Tier | None:
-        """The highest tier above ``e`` that can hold it, or ``None`` if none can."""
+    def _promotion_target(self, e: Entry, with_room: bool = False) -> Tier | None:
+        """The highest tier above ``e`` that can hold it (``with_room``: without going over budget), or ``None``."""
         for t in _TIERS[e.top : e.tier]:
-            if self._budget[t] >= e.nbytes:
+            if self._budget[t] >= e.nbytes + (self._used[t] if with_room else 0):
                 return t
         return None
+
+    def _over_with_moves(self) -> bool:
+        """Whether a memory tier is over budget while moves out of it are in flight (lock held).
+
+        Note: [backpressure]
+            An entry on its way down keeps its bytes in the tier it leaves until the move finished (a CPU
+            tensor until its spill write is done, device memory until its copy is). A producer faster than
+            the moves (a forward against a disk) would fill the tier far past its budget; ``put`` and the
+            promotion in ``get`` wait for a job to finish instead, so a tier peaks at its budget plus one
+            entry. A tier over budget with nothing in flight (an overcommit) does not wait: that could not help.
+        """
+        return any(self._used[t] > self._budget[t] and self._leaving[t] > 0 for t in (Tier.DEVICE, Tier.HOST))
 
     def _add(self, e: Entry, tier: Tier) -> None:
         self._used[tier] += e.nbytes
@@ -626,11 +686,15 @@ class TierStore:
             self._free_locked(self._entries[i], dropped=True)
 
     def _overcommit(self, tier: Tier) -> None:
+        """Required entries over ``tier``'s budget have no tier below with room: count, warn once, record."""
         self._counts["overcommits"] += 1
+        below = ", ".join(f"{t.label}_bytes={self._budget[t]}" for t in _TIERS[tier + 1 :])
         self._warn_once(
             f"overcommit-{tier.label}",
-            f"tiercache: the {tier.label} tier is over budget ({self._used[tier]} > {self._budget[tier]} bytes) "
-            "with nothing it may move down; raise the budgets below it or the disk budget",
+            f"tiercache: the {tier.label} tier holds {self._used[tier]} bytes, over its budget "
+            f"{tier.label}_bytes={self._budget[tier]}, and its required entries have nowhere to go "
+            f"({below or 'no tier below'}); raise {tier.label}_bytes, or give a tier below room "
+            "(host_bytes, disk_bytes), or use smaller batches",
         )
 
     def _warn_once(self, key: str, message: str) -> None:
@@ -730,6 +794,8 @@ class TierStore:
         """Complete a move (lock held): the entry now lives in ``dst``."""
         e.move = None
         e.move_to = None
+        if dst is Tier.DISK and src is not Tier.DISK and not self._ops.moves_bytes and self._trimmer.released(e.nbytes):
+            self._jobs.submit(self._jobs.io, self._trimmer.trim)  # Note: [memory that leaves the process]
         if e.freed:
             self._release(e, src)
             e.buf, e.data, e.event = buf, data, event

@@ -112,7 +112,8 @@ def test_device_tier_stays_within_budget_while_plain_saved_bytes_exceed_it(make_
     for h in hooks:
         h.remove()
     assert len(seen) == 2 * (cfg.n_layer + 1)
-    assert max(seen) <= budget
+    largest = 8 * cfg.seq_len * cfg.mlp_ratio * cfg.d_model * 4  # the MLP's hidden activation
+    assert max(seen) <= budget + largest  # Note: [backpressure]: the budget plus the entry being put
     assert off.stats()["packed_bytes"] >= 2 * 0.9 * plain.nbytes  # nearly everything went through the store
     assert store.stats()["spills"] > 0
     _settled_empty(store, off)
@@ -261,23 +262,65 @@ def test_inplace_change_after_save_raises_like_autograd(make_store):
         z.sum().backward()
 
 
-def test_compiled_model_is_offloaded_and_exact(make_store):
+def _compiled_steps(model, x, y, context, steps=2):
+    grads = []
+    for _ in range(steps):
+        model.zero_grad(set_to_none=True)
+        with context():
+            loss = model(x, y).loss
+        loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    return grads
+
+
+def test_whole_model_compile_warns_once_that_its_backward_needs_more_than_the_budget(make_store):
     torch._dynamo.reset()
-    plain = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64))
+    cfg = dataclasses_replace(TINY, n_layer=3)
+    plain = GPT(cfg)
     model = copy.deepcopy(plain)
-    x = torch.randn(32, 64)
-    torch.compile(plain, backend="aot_eager")(x).square().sum().backward()
-    store = make_store(**STORES["disk"])
-    off = ActivationOffloader(store, min_bytes=1024)
+    x, y = plain.batch(4)
+    ref = _compiled_steps(torch.compile(plain, backend="aot_eager"), x, y, contextlib.nullcontext)
+    store = make_store(device_bytes="256KiB", host_bytes=0, disk_bytes="1GiB")
+    off = ActivationOffloader(store, min_bytes=1024, module=model)
     compiled = torch.compile(model, backend="aot_eager")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)  # no "inactive" warning: it is active
-        with off:
-            out = compiled(x).square().sum()
-    assert off.stats()["packed"] >= 2  # the compiled graph's saved activations went to the store
-    out.backward()
-    for a, b in zip(plain.parameters(), model.parameters(), strict=True):
-        assert torch.equal(a.grad, b.grad)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        grads = _compiled_steps(compiled, x, y, lambda: offload_activations(off))
+    ours = [w for w in caught if "torch.compile graph" in str(w.message)]
+    assert len(ours) == 1 and "Compile per block" in str(ours[0].message)  # once, naming the fix
+    st = off.stats()
+    assert st["packed"] >= 2 and st["bytes_offloaded"] > 0 and st["compiled_backward_warnings"] == 1
+    for step_a, step_b in zip(ref, grads, strict=True):
+        for a, b in zip(step_a, step_b, strict=True):
+            assert torch.equal(a, b)
+    torch._dynamo.reset()
+
+
+def test_per_block_compile_saves_memory_without_a_warning(make_store):
+    torch._dynamo.reset()
+    cfg = dataclasses_replace(TINY, n_layer=4)
+    plain = GPT(cfg)
+    model = copy.deepcopy(plain)
+    x, y = plain.batch(4)
+    with SavedBytes() as saved:
+        plain(x, y).loss.backward()
+    for m in (plain, model):
+        for block in m.blocks:
+            block.compile(backend="aot_eager")
+    ref = _compiled_steps(plain, x, y, contextlib.nullcontext)
+    budget = saved.nbytes // 3
+    store = make_store(device_bytes=budget, host_bytes=0, disk_bytes="1GiB")
+    off = ActivationOffloader(store, min_bytes=1024, module=model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        grads = _compiled_steps(model, x, y, lambda: offload_activations(off))
+    assert not [w for w in caught if "torch.compile graph" in str(w.message)]
+    assert off.stats()["bytes_offloaded"] > 0 and off.stats()["compiled_backward_warnings"] == 0
+    largest = 4 * cfg.seq_len * cfg.mlp_ratio * cfg.d_model * 4
+    assert store.stats()["tiers"]["device"]["peak_bytes"] <= budget + largest < saved.nbytes
+    for step_a, step_b in zip(ref, grads, strict=True):
+        for a, b in zip(step_a, step_b, strict=True):
+            assert torch.equal(a, b)
     torch._dynamo.reset()
 
 
@@ -296,14 +339,15 @@ def test_saving_while_traced_by_compile_warns_that_offload_is_inactive(make_stor
 def test_plan_is_measured_then_kept_in_state_dict(make_store):
     model = GPT(dataclasses_replace(TINY, n_layer=3))
     x, y = model.batch(4)
-    store = make_store(**STORES["disk"])
+    store = make_store(**{**STORES["disk"], "device_bytes": "512KiB"})
     off = ActivationOffloader(store, min_bytes=512)
     for _ in range(3):
         with off:
             loss = model(x, y).loss
         loss.backward()
     st = off.stats()
-    assert st["measured_steps"] == 2 and st["lead_bytes"] > 0 and st["keep_tail_bytes"] == st["lead_bytes"]
+    assert st["measured_steps"] == 2 and st["lead_bytes"] > 0
+    assert 0 < st["keep_tail_bytes"] <= 0.75 * store.budgets[Tier.DEVICE]  # the budget's room less a reserve
     assert st["bytes_kept"] > 0 and st["prefetches"] > 0
     state = off.state_dict()
     fresh = ActivationOffloader(store, min_bytes=512)
@@ -351,7 +395,7 @@ def test_planner_lead_grows_with_rate_and_load_time_and_is_capped():
     assert b.boost > before
     fixed = PrefetchPlanner(lead_bytes=5, keep_tail_bytes=7)
     fixed.update(slow)
-    assert (fixed.lead_bytes, fixed.keep_tail_bytes) == (5, 7)
+    assert (fixed.lead_bytes, fixed.fixed_tail) == (5, 7)
 
 
 def test_measure_pass_excludes_waits_from_backward_rate():
@@ -414,12 +458,29 @@ def test_offload_activations_accepts_a_store_or_an_offloader(make_store):
         pass
 
 
+def test_offload_activations_over_a_store_keeps_one_offloader_and_its_plan_across_steps(make_store):
+    model = GPT(dataclasses_replace(TINY, n_layer=3))
+    x, y = model.batch(4)
+    store = make_store(**STORES["disk"])
+    seen = []
+    for _ in range(3):
+        with offload_activations(store, min_bytes=512, module=model) as off:
+            loss = model(x, y).loss
+        loss.backward()
+        seen.append(off)
+    assert seen[0] is seen[1] is seen[2]
+    assert seen[0].stats()["measured_steps"] == 2  # the later steps ran on the measured plan
+    with offload_activations(store, min_bytes=1024, module=model) as other:
+        pass
+    assert other is not seen[0]  # other arguments, another offloader
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
         ({"min_bytes": "lots"}, "min_bytes='lots' is not a size"),
         ({"keep_tail_bytes": -1}, "keep_tail_bytes=-1 must be >= 0"),
-        ({"tier": "device"}, "tier='device' is not one of host, disk"),
+        ({"tier": "device"}, "tier='device' is not one of auto, host, disk"),
         ({"prefetch": 1}, "prefetch=1 must be True or False"),
         ({"wait_threshold_s": -1.0}, "wait_threshold_s=-1.0 must be"),
     ],
@@ -431,7 +492,10 @@ def test_config_errors_name_field_and_value(kwargs, match):
 
 def test_config_accepts_tier_enum_and_sizes():
     cfg = OffloadConfig(min_bytes="1KiB", tier=Tier.DISK, lead_bytes="2MiB")
-    assert (cfg.min_bytes, cfg.offload_tier, cfg.lead_bytes) == (1024, Tier.DISK, 2 << 20)
+    assert (cfg.min_bytes, cfg.offload_tier(torch.device("cpu")), cfg.lead_bytes) == (1024, Tier.DISK, 2 << 20)
+    auto = OffloadConfig()
+    assert auto.offload_tier(torch.device("cpu")) is Tier.DISK  # the CPU's host tier is the same RAM
+    assert auto.offload_tier(torch.device("cuda", 0)) is Tier.HOST
 
 
 def test_constructor_rejects_a_non_store_and_mixed_arguments(make_store):

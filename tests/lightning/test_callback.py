@@ -47,7 +47,7 @@ def rows(t: L.Trainer) -> list[dict[str, str]]:
 
 
 class Wide(BoringModel):
-    """BoringModel with activations big enough to pass min_offload_bytes and spill past a 64 KiB device tier."""
+    """BoringModel with activations big enough to pass min_offload_bytes and spill past a 16 KiB device tier."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -106,7 +106,7 @@ def test_fit_logs_documented_keys_every_n_steps_and_cleans_up(tmp_path: Path, sp
 
 
 def test_offload_works_with_oom_recovery_off(tmp_path: Path, spill_parent: Path) -> None:
-    cb = make_callback(spill_parent, oom_recovery=False)
+    cb = make_callback(spill_parent, oom_recovery=False, device_bytes="16KiB")  # 32 KiB activations: offloaded
     t = trainer(tmp_path, cb)
     t.fit(Wide())
     keys = {k for r in rows(t) for k, v in r.items() if k.startswith("tiercache/") and v != ""}

@@ -1,0 +1,73 @@
+"""Giving freed host memory back to the operating system (glibc's ``malloc_trim``).
+
+Note: [memory that leaves the process]
+    Freeing a tensor returns its bytes to the C allocator, not to the OS. glibc raises its mmap threshold
+    after the first large free, so later tensors of that size come from its heaps (one per thread that
+    allocates: forward in the main thread, reloads in the I/O threads), and what a spill write releases stays
+    resident: peak RSS does not drop although the bytes are on disk (``tests/lightning/test_memory_cpu.py``
+    fails without this). The store counts the RAM its spill writes release and, once :data:`TRIM_EVERY_BYTES`
+    piled up, runs :meth:`Trimmer.trim` as a job on its I/O threads, outside its lock. Where the C library is
+    not glibc, nothing is trimmed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import threading
+from collections.abc import Callable
+
+__all__ = ["TRIM_EVERY_BYTES", "Trimmer"]
+
+#: Released bytes after which free pages are handed back: rare enough that the trim's walk over the free
+#: lists and the page faults of reusing the memory stay small against the I/O that released it.
+TRIM_EVERY_BYTES = 64 << 20
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        fn = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_size_t]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+class Trimmer:
+    """Counts released host bytes and hands free heap pages back to the OS when enough piled up.
+
+    Args:
+        every_bytes: released bytes between trims.
+    """
+
+    def __init__(self, every_bytes: int = TRIM_EVERY_BYTES) -> None:
+        self.every_bytes = every_bytes
+        self.trims = 0
+        self._trim = _malloc_trim()
+        self._released = 0
+        self._lock = threading.Lock()
+
+    @property
+    def available(self) -> bool:
+        """Whether this process's C library can trim (glibc)."""
+        return self._trim is not None
+
+    def released(self, nbytes: int) -> bool:
+        """Count ``nbytes`` of host memory freed; returns whether a :meth:`trim` is due now (cheap, no trim)."""
+        if self._trim is None:
+            return False
+        with self._lock:
+            self._released += nbytes
+            if self._released < self.every_bytes:
+                return False
+            self._released = 0
+            return True
+
+    def trim(self) -> None:
+        """Hand the C allocator's free pages back to the OS (takes its arena locks; call from a worker)."""
+        if self._trim is not None:
+            self._trim(0)
+            with self._lock:
+                self.trims += 1
