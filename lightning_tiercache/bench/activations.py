@@ -2,17 +2,21 @@
 
 Trains a GPT built from a config and runs, side by side in one process (alternating, after a warm-up):
 no offload; ``torch.utils.checkpoint`` per block; ``torch.autograd.graph.save_on_cpu`` (CUDA);
-torchtune's ``OffloadActivations`` (CUDA, when installed); ours to host; ours to disk. Step time is reported
-as the median per-round ratio to no offload. Memory is measured in a fresh subprocess per variant: on CUDA
-``max_memory_allocated`` over a step minus what was allocated before it; on CPU the bytes saved for backward
-that stay resident (the store's device-tier peak for ours, a counting hook for the others) and the process's
-peak RSS.
+torchtune's ``OffloadActivations`` (CUDA, when installed); ours to host (CUDA: on a CPU-only machine the host
+tier is the same RAM); ours to disk; ours to disk with checkpointed blocks (the block inputs are what is
+offloaded); ours to disk with every block compiled (``torch.compile`` per block). Ours gets a device budget of
+``--budget-share`` of what a plain step saves for backward and offloads only what does not fit. Step time is
+the median per-round ratio to no offload. Memory is measured in a fresh subprocess per variant, under the C
+library's default settings (no ``MALLOC_*`` variables): on CUDA ``max_memory_allocated`` over a step minus what
+was allocated before it; on CPU the bytes saved for backward that stay resident (the store's device-tier peak
+for ours, a counting hook for the others) and the growth of the process's peak RSS over two steps.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import os
 import resource
@@ -20,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -32,13 +37,15 @@ __all__ = ["main"]
 
 SIZES = {
     "default": {"vocab_size": 1024, "seq_len": 256, "n_layer": 4, "n_head": 6, "d_model": 384, "batch": 4},
+    "gpt6": {"vocab_size": 1024, "seq_len": 512, "n_layer": 6, "n_head": 8, "d_model": 512, "batch": 4},
     "full": {"vocab_size": 8192, "seq_len": 2048, "n_layer": 12, "n_head": 16, "d_model": 1024, "batch": 8},
 }
 MiB = 1 << 20
 _COLUMNS = (
     "variant", "step_x", "step_x_iqr", "resident_mib", "resident_pct", "peak_rss_mib", "rss_growth_mib",
-    "moved_mib_step", "wait_ms_step", "waits_step", "lead_mib", "note",
+    "rss_growth_pct", "moved_mib_step", "wait_ms_step", "waits_step", "lead_mib", "note",
 )  # fmt: skip
+_CHECKPOINTED = ("checkpoint", "ours_disk_ckpt")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,12 +55,25 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-tail-bytes", default=None, help="fixed resident tail for ours (default: planned)")
     p.add_argument("--variants", default=None, help="comma-separated subset of variants")
     p.add_argument("--seq-len", type=int, default=None, help="sequence length (longer: more compute per saved byte)")
+    p.add_argument(
+        "--model", choices=("default", "gpt6"), default="default",
+        help="default: 4 blocks, d=384, batch 4x256; gpt6: 6 blocks, d=512, batch 4x512 (about 2 s a step on 2 cores)",
+    )  # fmt: skip
+    p.add_argument(
+        "--budget-share", type=float, default=0.3,
+        help="ours' device budget as a share of the bytes a plain step saves for backward",
+    )  # fmt: skip
+    p.add_argument("--compile-backend", default="aot_eager", help="torch.compile backend of ours_compile")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return p
 
 
+def _size_name(args: argparse.Namespace) -> str:
+    return "full" if args.full else str(args.model)
+
+
 def _size(args: argparse.Namespace) -> tuple[GPTConfig, int]:
-    s: dict[str, Any] = dict(SIZES["full" if args.full else "default"])
+    s: dict[str, Any] = dict(SIZES[_size_name(args)])
     batch = int(s.pop("batch"))
     if args.seq_len:
         s["seq_len"] = args.seq_len
@@ -70,7 +90,8 @@ def _variant_names(args: argparse.Namespace) -> list[str]:
         names.append("save_on_cpu")
         if _torchtune() is not None:
             names.append("torchtune")
-    names += ["ours_host", "ours_disk"]
+        names.append("ours_host")
+    names += ["ours_disk", "ours_disk_ckpt", "ours_compile"]
     if args.variants:
         wanted = args.variants.split(",")
         names = [n for n in names if n in wanted or n == "none"]
@@ -88,38 +109,36 @@ def _torchtune() -> Any:
 class _Variant:
     """One way to run a training step; ``context`` wraps the forward."""
 
-    def __init__(self, name: str, model: GPT, args: argparse.Namespace, device: torch.device) -> None:
+    def __init__(self, name: str, model: GPT, args: argparse.Namespace, device: torch.device, budget: int) -> None:
         self.name = name
         self.model = model
         self.store: Any = None
         self.offloader: Any = None
         self.tt: Any = None
+        if name == "ours_compile":
+            self.model = copy.deepcopy(model)  # compiled in place, block by block; the others stay eager
+            for block in self.model.blocks:
+                block.compile(backend=args.compile_backend)
         if name.startswith("ours"):
             from lightning_tiercache import TierConfig, TierStore
             from lightning_tiercache.activations.offloader import ActivationOffloader
 
-            if name == "ours_host":
-                cfg = TierConfig(disk_bytes=0, device=str(device))
-                self.store = TierStore(cfg)
-                self.offloader = ActivationOffloader(
-                    self.store, min_bytes=args.min_bytes, module=model, keep_tail_bytes=args.keep_tail_bytes
-                )
-            else:
-                cfg = TierConfig(host_bytes=0, codec=args.codec, device=str(device))
-                self.store = TierStore(cfg)
-                self.offloader = ActivationOffloader(
-                    self.store,
-                    min_bytes=args.min_bytes,
-                    module=model,
-                    tier="disk",
-                    keep_tail_bytes=args.keep_tail_bytes,
-                )
+            host = name == "ours_host"
+            cfg = TierConfig(
+                device_bytes=budget, host_bytes=None if host else 0, disk_bytes=0 if host else None,
+                codec=args.codec, device=str(device),
+            )  # fmt: skip
+            self.store = TierStore(cfg)
+            self.offloader = ActivationOffloader(
+                self.store, min_bytes=args.min_bytes, module=self.model, keep_tail_bytes=args.keep_tail_bytes,
+                tier="host" if host else "disk",
+            )  # fmt: skip
         elif name == "torchtune":
             self.tt = _torchtune()()
 
     @contextlib.contextmanager
     def context(self) -> Iterator[None]:
-        self.model.use_checkpoint = self.name == "checkpoint"
+        self.model.use_checkpoint = self.name in _CHECKPOINTED
         try:
             if self.offloader is not None:
                 with self.offloader:
@@ -153,21 +172,30 @@ def _bind(v: _Variant, x: torch.Tensor, y: torch.Tensor, amp: bool) -> Callable[
     return lambda: _step(v, x, y, amp)
 
 
-def _setup(args: argparse.Namespace) -> tuple[GPT, torch.Tensor, torch.Tensor, torch.device]:
+def _setup(args: argparse.Namespace) -> tuple[GPT, torch.Tensor, torch.Tensor, torch.device, int]:
+    """The model, a batch, the device, and ours' device budget (a share of what a plain step saves)."""
     torch.manual_seed(0)
     cfg, batch = _size(args)
     device = _device()
     model = GPT(cfg).to(device)
     x, y = model.batch(batch, torch.Generator().manual_seed(0))
-    return model, x, y, device
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    with SavedBytes() as saved:
+        with amp:
+            loss = model(x, y).loss
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return model, x, y, device, int(args.budget_share * saved.nbytes)
 
 
 def _child(args: argparse.Namespace) -> int:
     """Measure one variant's memory in this fresh process; print one JSON line."""
-    model, x, y, device = _setup(args)
-    v = _Variant(args.child, model, args, device)
+    model, x, y, device, budget = _setup(args)
+    v = _Variant(args.child, model, args, device, budget)
     amp = device.type == "cuda"
-    _step(v, x, y, amp)  # the first step measures; memory is taken on the planned steps
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _step(v, x, y, amp)  # the first step measures (and compiles); memory is taken on the planned steps
     out: dict[str, Any] = {"name": v.name}
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -184,7 +212,10 @@ def _child(args: argparse.Namespace) -> int:
                     _step(v, x, y, amp)
             counted.append(saved.nbytes + sum(held))
         else:
-            _step(v, x, y, amp)
+            with warnings.catch_warnings(record=True) as later:
+                warnings.simplefilter("always")
+                _step(v, x, y, amp)
+            caught += later
     if device.type == "cuda":
         torch.cuda.synchronize()
         out["cuda_peak_bytes"] = torch.cuda.max_memory_allocated() - base
@@ -196,6 +227,7 @@ def _child(args: argparse.Namespace) -> int:
     else:
         resident = max(counted)
     out.update(resident_bytes=resident, rss_before=rss_before, peak_rss=_peak_rss())
+    out["warnings"] = sorted({str(w.message)[:80] for w in caught if "tiercache" in str(w.message)})
     v.close()
     print(json.dumps(out))
     return 0
@@ -245,8 +277,8 @@ def _peak_rss() -> int:
 
 def _memory(args: argparse.Namespace, name: str, argv: list[str]) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "lightning_tiercache.bench", "activations", *argv, "--child", name]
-    # A fixed mmap threshold makes freed activations go back to the OS, so RSS follows live bytes.
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    # What a user gets: the C library's default settings (a fixed mmap threshold would flatter every variant).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False, env=env)
     if done.returncode != 0:
         return {"name": name, "error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
@@ -258,10 +290,10 @@ def main(argv: list[str]) -> int:
     if args.child:
         return _child(args)
     started = time.perf_counter()
-    model, x, y, device = _setup(args)
+    model, x, y, device, budget = _setup(args)
     amp = device.type == "cuda"
     names = _variant_names(args)
-    variants = {n: _Variant(n, model, args, device) for n in names}
+    variants = {n: _Variant(n, model, args, device, budget) for n in names}
     fns = {n: _bind(v, x, y, amp) for n, v in variants.items()}
     repeats = args.repeats or (10 if args.full else 6)
     times = alternate(fns, repeats, warmup=2)
@@ -269,8 +301,9 @@ def main(argv: list[str]) -> int:
     mem = {n: _memory(args, n, child_argv) for n in names}
     rows = [_row(n, variants[n], times, mem[n], mem["none"]) for n in names]
     extra = {
-        "model": {**SIZES["full" if args.full else "default"], **({"seq_len": args.seq_len} if args.seq_len else {})},
+        "model": {**SIZES[_size_name(args)], **({"seq_len": args.seq_len} if args.seq_len else {})},
         "device": str(device),
+        "ours_device_budget_mib": round(budget / MiB, 1),
         "repeats": repeats,
         "disk_codec": args.codec,
         "base_step_s": round(median(times["none"]), 4),
@@ -295,7 +328,12 @@ def _row(
     row["resident_mib"] = round(mem["resident_bytes"] / MiB, 1)
     row["resident_pct"] = round(100 * mem["resident_bytes"] / max(1, base.get("resident_bytes", 1)), 1)
     row["peak_rss_mib"] = round(mem["peak_rss"] / MiB)
-    row["rss_growth_mib"] = round((mem["peak_rss"] - mem["rss_before"]) / MiB)
+    growth = mem["peak_rss"] - mem["rss_before"]
+    row["rss_growth_mib"] = round(growth / MiB)
+    base_growth = base.get("peak_rss", 0) - base.get("rss_before", 0)
+    row["rss_growth_pct"] = round(100 * growth / base_growth, 1) if base_growth > 0 else None
+    if mem.get("warnings"):
+        row["note"] = "; ".join(mem["warnings"])[:80]
     if v.offloader is not None:
         st, ss = v.offloader.stats(), v.store.stats()
         steps = max(1, st["steps"])

@@ -159,6 +159,7 @@ def test_prefetch_for_brings_spilled_hit_blocks_up(make_store):
     _, prompts = _prompts()
     _run(model, store, prompts[0])
     store.settle()
+    store.resize(Tier.DEVICE, "1MiB")  # room above: a prefetch never pushes a tier over its budget
     cache = TieredKVCache(store, KVConfig(block_tokens=BLK), model=model)
     before = store.stats()["prefetches"]
     assert cache.prefetch_for(prompts[1]) == 2 * 4 * 2  # rows x blocks x layers
