@@ -259,7 +259,14 @@ def _proc_status(field: str) -> int | None:
 
 
 def _reset_peak_rss() -> int:
-    """Restart the peak-RSS count here (Linux ``clear_refs``); returns the RSS now."""
+    """Restart the peak-RSS count here (Linux ``clear_refs``); returns the RSS now.
+
+    The C allocator's free pages are handed back first, in every variant, so the growth that follows is
+    what the steps need at their peak, not a warm-up step's memory that the allocator kept.
+    """
+    from lightning_tiercache.store.tiers.trim import Trimmer
+
+    Trimmer().trim()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")

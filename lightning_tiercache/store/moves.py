@@ -247,6 +247,8 @@ class Spill(_Mover):
         busy_s: per-operation busy seconds, added under the lock.
         disk_failed: ``disk_failed(entry, src, err)`` after a write failed (lock held).
         spill_lost: ``spill_lost(entry, dst, err)`` after a read found the record missing or corrupt (lock held).
+        written: ``written(entry, src)`` after a write landed and this thread let go of the bytes (lock not
+            held): where the freed memory can be handed back to the OS.
     """
 
     def __init__(
@@ -263,6 +265,7 @@ class Spill(_Mover):
         busy_s: Any,
         disk_failed: Callable[[Entry, Tier, OSError], None],
         spill_lost: Callable[[Entry, Tier | None, SpillError], None],
+        written: Callable[[Entry, Tier], None] | None = None,
     ) -> None:
         super().__init__(base.ops, base.pool, base.jobs, base.lock, base.landed, base.failed, base.counts)
         self._download = download
@@ -275,6 +278,7 @@ class Spill(_Mover):
         self._busy_s = busy_s
         self._disk_failed = disk_failed
         self._spill_lost = spill_lost
+        self._written = written
 
     def write(self, e: Entry, src: Tier) -> cf.Future[None]:
         """Start writing ``e`` from ``src`` to disk (lock held)."""
@@ -331,6 +335,9 @@ class Spill(_Mover):
             self.counts["spill_file_bytes"] += written
             self._busy_s["write"] += seconds
             self.landed(e, src, Tier.DISK, None, None, None)
+        if self._written is not None:
+            del data, host, parts  # the last references this thread holds to the written bytes
+            self._written(e, src)
 
     def _read_job(self, e: Entry, dst: Tier) -> None:
         try:

@@ -40,7 +40,7 @@ from lightning_tiercache.store.tiers import Tier
 from lightning_tiercache.store.tiers.device import DeviceEvent, DeviceOps, make_ops
 from lightning_tiercache.store.tiers.disk import DiskFullError, SpillDir
 from lightning_tiercache.store.tiers.host import PinnedPool
-from lightning_tiercache.store.tiers.trim import Trimmer
+from lightning_tiercache.store.tiers.trim import TRIM_EVERY_BYTES, Trimmer
 
 __all__ = ["Entry", "Handle", "Kind", "Tier", "TierStore"]
 
@@ -155,11 +155,13 @@ class TierStore:
             self._down, download=self._down, upload=self._up, ensure_dir=self._ensure_spill,
             spill_file=self._spill_file, auto=AutoCodec(self.config.zstd_level), codec=self.config.codec,
             zstd_level=self.config.zstd_level, busy_s=self._busy_s, disk_failed=self._disk_failed,
-            spill_lost=self._spill_lost,
+            spill_lost=self._spill_lost, written=self._written,
         )  # fmt: skip
         self._dropped_ids: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._closed = False
-        self._trimmer = Trimmer()
+        # Note: [memory that leaves the process]: trim after half the device budget was released (at most
+        # TRIM_EVERY_BYTES), so the RAM a forward spills leaves about as fast as the budget fills.
+        self._trimmer = Trimmer(max(1 << 20, min(TRIM_EVERY_BYTES, self._budget[Tier.DEVICE] // 2)))
         #: Per-store state of the parts built on this store (e.g. the offloader ``offload_activations(store)``
         #: reuses), living as long as the store; keys are the parts' own.
         self.attachments: dict[Any, Any] = {}
@@ -794,8 +796,6 @@ class TierStore:
         """Complete a move (lock held): the entry now lives in ``dst``."""
         e.move = None
         e.move_to = None
-        if dst is Tier.DISK and src is not Tier.DISK and not self._ops.moves_bytes and self._trimmer.released(e.nbytes):
-            self._jobs.submit(self._jobs.io, self._trimmer.trim)  # Note: [memory that leaves the process]
         if e.freed:
             self._release(e, src)
             e.buf, e.data, e.event = buf, data, event
@@ -845,6 +845,14 @@ class TierStore:
             f"tiercache: could not spill to disk ({err}); keeping entries in {src.label} memory "
             f"and lowering the disk budget",
         )
+
+    def _written(self, e: Entry, src: Tier) -> None:
+        """A spill write landed (lock not held): on a CPU device its RAM is free; hand it back when enough is.
+
+        Note: [memory that leaves the process] (:mod:`lightning_tiercache.store.tiers.trim`).
+        """
+        if not self._ops.moves_bytes and self._trimmer.released(e.nbytes):
+            self._trimmer.trim()
 
     def _spill_lost(self, e: Entry, dst: Tier | None, err: SpillError) -> None:
         """A spill record was missing or corrupt (lock held): the entry is gone."""

@@ -5,9 +5,10 @@ Note: [memory that leaves the process]
     after the first large free, so later tensors of that size come from its heaps (one per thread that
     allocates: forward in the main thread, reloads in the I/O threads), and what a spill write releases stays
     resident: peak RSS does not drop although the bytes are on disk (``tests/lightning/test_memory_cpu.py``
-    fails without this). The store counts the RAM its spill writes release and, once :data:`TRIM_EVERY_BYTES`
-    piled up, runs :meth:`Trimmer.trim` as a job on its I/O threads, outside its lock. Where the C library is
-    not glibc, nothing is trimmed.
+    fails without this). On a CPU device the store counts the RAM its spill writes release and, once half
+    its device budget (at most :data:`TRIM_EVERY_BYTES`) piled up, calls :meth:`Trimmer.trim` from the I/O
+    thread that wrote, outside its lock, after that thread let go of the bytes. Where the C library is not
+    glibc, nothing is trimmed.
 """
 
 from __future__ import annotations
