@@ -206,11 +206,9 @@ def _child(args: argparse.Namespace) -> int:
     counted: list[int] = []
     for _ in range(2):
         if v.offloader is None and device.type != "cuda":
-            with SavedBytes() as saved:
-                inputs = _count_checkpoint_inputs(model) if v.name == "checkpoint" else contextlib.nullcontext([0])
-                with inputs as held:
-                    _step(v, x, y, amp)
-            counted.append(saved.nbytes + sum(held))
+            with SavedBytes() as saved:  # checkpoint's block inputs included: it saves them through the hooks
+                _step(v, x, y, amp)
+            counted.append(saved.nbytes)
         else:
             with warnings.catch_warnings(record=True) as later:
                 warnings.simplefilter("always")
@@ -231,20 +229,6 @@ def _child(args: argparse.Namespace) -> int:
     v.close()
     print(json.dumps(out))
     return 0
-
-
-@contextlib.contextmanager
-def _count_checkpoint_inputs(model: GPT) -> Iterator[list[int]]:
-    """Bytes of block inputs that ``torch.utils.checkpoint`` holds for recomputation (not seen by hooks)."""
-    held: list[int] = []
-    hooks = [
-        b.register_forward_pre_hook(lambda _m, a: held.append(a[0].numel() * a[0].element_size())) for b in model.blocks
-    ]
-    try:
-        yield held
-    finally:
-        for h in hooks:
-            h.remove()
 
 
 def _proc_status(field: str) -> int | None:

@@ -243,14 +243,18 @@ def _decompress_into(payload: memoryview, nbytes: int) -> torch.Tensor:
 class AutoCodec:
     """Picks a codec per dtype by measured cost: encode time plus time to write the encoded bytes.
 
-    Each candidate is tried a few times per dtype, then the cheapest is used, with a re-check every
-    ``explore_every`` tensors so a change in data or disk speed is noticed. Thread-safe.
+    Candidates are timed on a sample of the tensor being written (at most ``sample_bytes``, encoded and thrown
+    away), on the first ``trials`` tensors of a dtype and then on one in every ``explore_every``, so a change
+    in data or disk speed is noticed. The tensor itself is always encoded with the codec of lowest measured
+    cost, and ``none`` costs the write alone: a compressing codec is used only where it measured cheaper than
+    writing the raw bytes, so ``auto`` is never slower than ``none`` by more than the sampling. Thread-safe.
     """
 
-    def __init__(self, level: int = 1, explore_every: int = 64, trials: int = 2) -> None:
+    def __init__(self, level: int = 1, explore_every: int = 64, trials: int = 2, sample_bytes: int = 1 << 20) -> None:
         self.level = level
         self._explore_every = explore_every
         self._trials = trials
+        self._sample_bytes = sample_bytes
         self._lock = threading.Lock()
         # (dtype, codec) -> [seconds per input byte, output/input ratio, samples]
         self._cost: dict[tuple[torch.dtype, str], list[float]] = {}
@@ -268,25 +272,38 @@ class AutoCodec:
                 self._disk_s_per_byte = 0.8 * self._disk_s_per_byte + 0.2 * (seconds / nbytes)
 
     def choose(self, dtype: torch.dtype) -> str:
-        cands = self.candidates(dtype)
+        """The codec of lowest measured cost for ``dtype`` (``none`` until a compressing codec measured cheaper)."""
         with self._lock:
-            n = self._seen.get(dtype, 0)
-            self._seen[dtype] = n + 1
-            untried = [c for c in cands if self._cost.get((dtype, c), [0, 0, 0])[2] < self._trials]
-            if untried:
-                return untried[0]
-            if n % self._explore_every == 0:
-                return cands[(n // self._explore_every) % len(cands)]
             disk = self._disk_s_per_byte
-            return min(cands, key=lambda c: self._cost[(dtype, c)][0] + self._cost[(dtype, c)][1] * disk)
+            best, best_cost = "none", disk
+            for c in self.candidates(dtype)[1:]:
+                cost = self._cost.get((dtype, c))
+                if cost is not None and cost[2] and cost[0] + cost[1] * disk < best_cost:
+                    best, best_cost = c, cost[0] + cost[1] * disk
+            return best
 
     def encode(self, tensor: torch.Tensor) -> tuple[str, list[memoryview], int]:
+        with self._lock:
+            n = self._seen.get(tensor.dtype, 0)
+            self._seen[tensor.dtype] = n + 1
+        if n < self._trials or n % self._explore_every == 0:
+            self._probe(tensor)
         codec = self.choose(tensor.dtype)
-        start = time.perf_counter()
         parts, aux = encode(tensor, codec, self.level)
-        seconds = time.perf_counter() - start
-        nbytes = max(1, tensor.numel() * tensor.element_size())
-        if nbytes > 1 << 12:
+        return codec, parts, aux
+
+    def _probe(self, tensor: torch.Tensor) -> None:
+        """Time every compressing candidate on a sample of ``tensor`` (its leading elements)."""
+        flat = tensor.detach().reshape(-1)
+        sample = flat[: max(1, self._sample_bytes // max(1, tensor.element_size()))]
+        nbytes = sample.numel() * sample.element_size()
+        if nbytes <= 1 << 12:
+            return
+        sample = sample.contiguous()
+        for codec in self.candidates(tensor.dtype)[1:]:
+            start = time.perf_counter()
+            parts, _ = encode(sample, codec, self.level)
+            seconds = time.perf_counter() - start
             ratio = sum(p.nbytes for p in parts) / nbytes
             with self._lock:
                 cost = self._cost.setdefault((tensor.dtype, codec), [0.0, 1.0, 0])
@@ -294,7 +311,6 @@ class AutoCodec:
                 cost[0] = (1 - w) * cost[0] + w * seconds / nbytes
                 cost[1] = (1 - w) * cost[1] + w * ratio
                 cost[2] += 1
-        return codec, parts, aux
 
 
 def encode_with(codec: str, tensor: torch.Tensor, level: int = 1) -> tuple[str, list[memoryview], int]:

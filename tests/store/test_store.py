@@ -500,3 +500,19 @@ def test_an_entry_freed_before_its_write_starts_is_never_written(make_store, mon
     assert (st["spills"], st["writes_skipped"]) == (1, 1)
     assert len(list(store.spill_path.iterdir())) == 1 and store.where(first) is Tier.DISK
     assert st["tiers"]["disk"]["bytes"] == 4096 and st["tiers"]["device"]["bytes"] == 0
+
+
+def _compressible(n: int = 1 << 20) -> torch.Tensor:
+    return (torch.randn(n) * 0.01).to(torch.bfloat16)  # sign/exponent bytes repeat: both codecs compress it
+
+
+def test_auto_writes_raw_bytes_while_the_disk_is_faster_than_any_codec_and_compresses_when_it_pays():
+    from lightning_tiercache.store.codec import AutoCodec
+
+    fast, slow = AutoCodec(), AutoCodec()
+    for _ in range(20):
+        fast.observe_disk(1 << 30, 0.01)  # 100 GB/s: no codec can pay for itself
+        slow.observe_disk(1 << 20, 1.0)  # 1 MB/s
+    picked = [fast.encode(_compressible())[0] for _ in range(10)]
+    assert picked == ["none"] * 10  # trials time a sample; the tensors themselves are never written slower
+    assert [slow.encode(_compressible())[0] for _ in range(4)][-1] in ("byteplane", "zstd")
