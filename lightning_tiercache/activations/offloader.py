@@ -262,6 +262,8 @@ class ActivationOffloader:
         hooks.__enter__()
         shapes, self._local.shapes = getattr(self._local, "shapes", None), None
         p = ForwardPass()
+        # Note: [memory that leaves the process] the RAM the last backward's reloads held goes back to the OS.
+        self.store.return_free_memory()
         room = self.store.room(Tier.DEVICE)
         p.tail_bytes = resident_tail_bytes(
             room, self.planner.lead_bytes, self.planner.max_item_bytes, self.planner.fixed_tail

@@ -174,6 +174,14 @@ class TierStore:
         with self._lock:
             return dict(self._budget)
 
+    def return_free_memory(self) -> bool:
+        """On a CPU device, hand the RAM freed entries released back to the OS once enough piled up.
+
+        Returns whether it trimmed. Note: [memory that leaves the process]
+        (:mod:`lightning_tiercache.store.tiers.trim`).
+        """
+        return not self._ops.moves_bytes and self._trimmer.trim_if_due()
+
     def room(self, tier: Tier) -> int:
         """Bytes of ``tier``'s budget not in use now (negative when it is over budget)."""
         with self._lock:
@@ -729,6 +737,8 @@ class TierStore:
     def _release(self, e: Entry, tier: Tier) -> None:
         """Give back what ``e`` holds in ``tier`` (lock held)."""
         self._used[tier] -= e.nbytes
+        if tier is not Tier.DISK and not self._ops.moves_bytes and e.data is not None:
+            self._trimmer.released(e.nbytes)  # Note: [memory that leaves the process]
         if tier is Tier.DISK and self._spill is not None:
             self._spill.file(e.id).unlink(missing_ok=True)
         elif tier is Tier.HOST:
@@ -851,8 +861,9 @@ class TierStore:
 
         Note: [memory that leaves the process] (:mod:`lightning_tiercache.store.tiers.trim`).
         """
-        if not self._ops.moves_bytes and self._trimmer.released(e.nbytes):
-            self._trimmer.trim()
+        if not self._ops.moves_bytes:
+            self._trimmer.released(e.nbytes)
+            self._trimmer.trim_if_due()
 
     def _spill_lost(self, e: Entry, dst: Tier | None, err: SpillError) -> None:
         """A spill record was missing or corrupt (lock held): the entry is gone."""

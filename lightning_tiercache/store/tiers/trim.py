@@ -5,10 +5,11 @@ Note: [memory that leaves the process]
     after the first large free, so later tensors of that size come from its heaps (one per thread that
     allocates: forward in the main thread, reloads in the I/O threads), and what a spill write releases stays
     resident: peak RSS does not drop although the bytes are on disk (``tests/lightning/test_memory_cpu.py``
-    fails without this). On a CPU device the store counts the RAM its spill writes release and, once half
-    its device budget (at most :data:`TRIM_EVERY_BYTES`) piled up, calls :meth:`Trimmer.trim` from the I/O
-    thread that wrote, outside its lock, after that thread let go of the bytes. Where the C library is not
-    glibc, nothing is trimmed.
+    fails without this). On a CPU device the store counts the RAM its spill writes and frees release
+    and, once half its device budget (at most :data:`TRIM_EVERY_BYTES`) piled up, trims: from the I/O thread
+    that wrote, after it let go of the bytes, and from ``TierStore.return_free_memory`` (the offloader calls
+    it as each forward starts, when backward's reloads were freed), never under the store's lock. Where the
+    C library is not glibc, nothing is trimmed.
 """
 
 from __future__ import annotations
@@ -55,19 +56,26 @@ class Trimmer:
         """Whether this process's C library can trim (glibc)."""
         return self._trim is not None
 
-    def released(self, nbytes: int) -> bool:
-        """Count ``nbytes`` of host memory freed; returns whether a :meth:`trim` is due now (cheap, no trim)."""
-        if self._trim is None:
-            return False
+    def released(self, nbytes: int) -> None:
+        """Count ``nbytes`` of host memory freed (cheap; safe under other locks)."""
+        if self._trim is not None:
+            with self._lock:
+                self._released += nbytes
+
+    def trim_if_due(self) -> bool:
+        """Trim when ``every_bytes`` were released since the last trim; returns whether it trimmed.
+
+        Takes the C allocator's arena locks: call it without holding other locks.
+        """
         with self._lock:
-            self._released += nbytes
-            if self._released < self.every_bytes:
+            if self._trim is None or self._released < self.every_bytes:
                 return False
             self._released = 0
-            return True
+        self.trim()
+        return True
 
     def trim(self) -> None:
-        """Hand the C allocator's free pages back to the OS (takes its arena locks; call from a worker)."""
+        """Hand the C allocator's free pages back to the OS now."""
         if self._trim is not None:
             self._trim(0)
             with self._lock:
