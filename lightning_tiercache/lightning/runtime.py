@@ -88,7 +88,7 @@ class TierRuntime:
     def __getstate__(self) -> dict[str, Any]:
         """A copy holds the configuration only: the store and the parts (threads, locks, files) stay here."""
         state = dict(vars(self))
-        state.update(store=None, offloader=None, hook=None, kv=None, _kv_base=None)
+        state.update(store=None, offloader=None, hook=None, kv=None, _kv_base=None, _kept=None)
         return state
 
     def open(
