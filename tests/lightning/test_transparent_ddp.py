@@ -10,49 +10,21 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.ddp_launch import run_two_ranks
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_ddp_eval_with_uneven_batches_and_comm_hooks_behave_as_without_the_callback(tmp_path: Path) -> None:
-    port = _free_port()
-    procs = []
-    for rank in (0, 1):
-        env = {
-            **os.environ,
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "WORLD_SIZE": "2",
-            "NODE_RANK": "0",
-            "LOCAL_RANK": str(rank),
-            "RANK": str(rank),
-            "OMP_NUM_THREADS": "1",
-        }
-        cmd = [sys.executable, __file__, str(tmp_path)]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = []
-    for p in procs:
-        try:
-            out, _ = p.communicate(timeout=200)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("DDP workers hung: " + "".join((tmp_path / f"progress-{r}.txt").read_text() for r in (0, 1)))
-        logs.append(out)
-    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    run_two_ranks(
+        __file__, tmp_path, 200, lambda: "".join((tmp_path / f"progress-{r}.txt").read_text() for r in (0, 1))
+    )
     seen = [json.loads((tmp_path / f"seen-{rank}.json").read_text()) for rank in (0, 1)]
     # predict: 5 samples on 2 ranks are 3 and 2 batches; validate: 3 and 2 batches by construction.
     assert [s["predicted"] for s in seen] == [3, 2]

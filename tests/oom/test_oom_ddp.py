@@ -7,58 +7,21 @@ process runs a plain DDP fit and four fits with injected OOMs, and writes its fi
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.ddp_launch import run_two_ranks
+
 SCENARIOS = [("forward", (1,)), ("backward", (1,)), ("forward", (0, 1)), ("backward", (0, 1))]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_ddp_oom_on_one_or_both_ranks_in_forward_or_backward(tmp_path: Path) -> None:
-    port = _free_port()
-    procs = []
-    for rank in (0, 1):
-        env = {
-            **os.environ,
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "WORLD_SIZE": "2",
-            "NODE_RANK": "0",
-            "LOCAL_RANK": str(rank),
-            "RANK": str(rank),
-            "OMP_NUM_THREADS": "1",
-        }
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, __file__, str(tmp_path)],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    logs = []
-    for p in procs:
-        try:
-            out, _ = p.communicate(timeout=150)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("DDP workers hung")
-        logs.append(out)
-    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    run_two_ranks(__file__, tmp_path, 150)
     plain = torch.load(tmp_path / "plain-0.pt")
     for phase, ranks in SCENARIOS:
         name = f"{phase}-{'-'.join(map(str, ranks))}"
