@@ -111,3 +111,20 @@ def test_finetune_eval_and_resume_through_the_callback(tmp_path: Path, spill_par
     assert seen == [2]
     assert resumed.global_step == 5
     assert list(spill_parent.iterdir()) == []
+
+
+@pytest.mark.timeout(300)
+def test_the_main_jobs_oom_demo_shows_a_recovered_oom(tmp_path: Path, wandb_offline: Any, monkeypatch, capsys) -> None:
+    import finetune
+    import main as main_job
+
+    monkeypatch.chdir(tmp_path)  # the example writes its runs/ folder under the working directory
+    config = ["--config", str(Path(__file__).resolve().parents[1] / "configs" / "finetune.yaml")]
+    demo = ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "0"]
+    demo += ["--trainer.enable_checkpointing", "false", "--trainer.callbacks", "null"]
+    demo += ["--inject_oom_above", str(main_job.OOM_DEMO_ABOVE), "--tiercache.oom_grow_back_after_steps", "0"]
+    finetune.main([*config, *demo], name="oom_demo", title="OOM recovery demo (injected OOM)")
+    out = capsys.readouterr().out
+    assert "OOM recovery demo (injected OOM) report" in out
+    assert "injected out-of-memory errors: 1 " in out
+    assert "training steps retried after an out-of-memory error: 1, now 2 micro-batches per batch" in out
