@@ -16,21 +16,9 @@ from lightning_tiercache.activations.offloader import OffloadConfig
 from lightning_tiercache.activations.prefetch_plan import ForwardPass, PrefetchPlanner, measure_pass
 from lightning_tiercache.activations.saved_tensors import gc_state
 from lightning_tiercache.bench.gpt import GPT, GPTConfig, SavedBytes
+from tests.activation_models import TINY, offload_stores
 
-TINY = GPTConfig(vocab_size=128, seq_len=32, n_layer=2, n_head=4, d_model=64)
-STORES = {
-    "host": {"device_bytes": "64KiB", "host_bytes": "1GiB", "disk_bytes": 0},
-    "disk": {"device_bytes": "64KiB", "host_bytes": "64KiB", "disk_bytes": "1GiB", "codec": "auto"},
-}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread avoids spinning against other processes."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+STORES = offload_stores("64KiB", "1GiB", codec="auto")
 
 
 def _settled_empty(store, off) -> None:

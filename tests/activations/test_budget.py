@@ -14,18 +14,11 @@ from lightning_tiercache import ActivationOffloader, Tier, offload_activations
 from lightning_tiercache.activations.budget import resident_tail_bytes
 from lightning_tiercache.bench.gpt import GPT, GPTConfig, SavedBytes
 from lightning_tiercache.store.codec import AutoCodec
+from tests.activation_models import BUDGETED
 
-CFG = GPTConfig(vocab_size=128, seq_len=64, n_layer=4, n_head=4, d_model=64)
+CFG = BUDGETED
 BATCH = 4
 LARGEST = BATCH * CFG.seq_len * CFG.mlp_ratio * CFG.d_model * 4  # the MLP's hidden activation, fp32
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -13,22 +13,12 @@ import pytest
 import torch
 
 from lightning_tiercache import ActivationOffloader, TierConfig, TierStore, offload_activations
-from lightning_tiercache.bench.gpt import GPT, GPTConfig
+from lightning_tiercache.bench.gpt import GPT
 from lightning_tiercache.store.tiers.device import DeviceOps
+from tests.activation_models import SMALLEST, offload_stores
 
-TINY = GPTConfig(vocab_size=64, seq_len=16, n_layer=2, n_head=2, d_model=32)
-STORES = {
-    "host": {"device_bytes": "16KiB", "host_bytes": "64MiB", "disk_bytes": 0},
-    "disk": {"device_bytes": "16KiB", "host_bytes": "16KiB", "disk_bytes": "64MiB", "codec": "none"},
-}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+TINY = SMALLEST
+STORES = offload_stores("16KiB", "64MiB", codec="none")
 
 
 def _steps(model, batches, context, settle=lambda: None):
