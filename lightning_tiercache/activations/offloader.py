@@ -31,12 +31,10 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
 import logging
 import threading
 import time
 import typing
-import warnings
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -45,6 +43,7 @@ import torch
 
 from lightning_tiercache.activations.budget import CompiledBackwardCheck, resident_tail_bytes
 from lightning_tiercache.activations.idle import IdleGate
+from lightning_tiercache.activations.policy import OFFLOAD_TIERS, OffloadConfig, SavePolicy, of_params
 from lightning_tiercache.activations.prefetch_plan import (
     ForwardPass,
     PrefetchPlanner,
@@ -56,30 +55,18 @@ from lightning_tiercache.activations.saved_tensors import (
     Saved,
     Slot,
     check_version,
-    extent,
     gc_state,
     keep,
     storage_ref,
     storage_span,
     unkeep,
 )
-from lightning_tiercache.config import parse_bytes
-from lightning_tiercache.store.codec import dtype_code
 from lightning_tiercache.store.placement import Handle, TierStore
 from lightning_tiercache.store.tiers import Tier
 
 __all__ = ["OFFLOAD_TIERS", "ActivationOffloader", "OffloadConfig", "no_offload", "offload_activations"]
 
-_DTensor: type[torch.Tensor] | None
-try:
-    from torch.distributed.tensor import DTensor
-
-    _DTensor = DTensor
-except ImportError:  # a torch build without distributed
-    _DTensor = None
-
 log = logging.getLogger(__name__)
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
 _TENSOR = torch.Tensor
 _STRIDED = torch.strided
 _MAX_PENDING_PASSES = 4
@@ -89,78 +76,6 @@ _COUNTERS = (
     "bytes_offloaded", "bytes_kept", "unpacks", "unpack_waits", "unpack_misses", "prefetches", "steps",
     "compiled_backward_warnings",
 )  # fmt: skip
-
-
-#: Tiers an offloaded tensor may be sent to (the highest it may land in; a full tier passes it further down).
-#: ``auto``: the host tier when the store's device is an accelerator; disk where the device is the CPU, whose
-#: "host tier" is the same RAM (offloading there would free nothing).
-OFFLOAD_TIERS = ("auto", "host", "disk")
-
-
-def offload_tier_for(tier: Tier | str, device: torch.device) -> Tier:
-    """The tier a config's ``tier`` sends activations to on a store serving ``device``."""
-    if isinstance(tier, Tier):
-        return tier
-    if tier == "auto":
-        return Tier.DISK if device.type == "cpu" else Tier.HOST
-    return Tier[tier.upper()]
-
-
-@dataclasses.dataclass(frozen=True)
-class OffloadConfig:
-    """Policy of an :class:`ActivationOffloader`. Sizes are int bytes; strings like ``"1MiB"`` are accepted.
-
-    Args:
-        min_bytes: saved tensors smaller than this stay where they are.
-        keep_tail_bytes: most bytes at the end of the forward kept in the device tier (their backward runs
-            first). ``None``: as much as the device tier's room allows (see
-            :func:`~lightning_tiercache.activations.budget.resident_tail_bytes`); a number is capped by it too.
-        lead_bytes: how far ahead of backward prefetch runs. ``None``: planned from measured bandwidth and
-            backward time (one entry on the first step).
-        max_lead_bytes: upper bound of a planned lead and tail. ``None``: a fifth of a step's saved bytes.
-        prefetch: fetch entries ahead of backward; ``False`` reloads each on demand.
-        dedup: store tensors that share a storage once.
-        tier: the highest tier offloaded tensors go to, one of :data:`OFFLOAD_TIERS` (or a ``Tier``).
-            ``auto``: host with an accelerator, disk on a CPU-only store.
-        wait_threshold_s: an ``unpack`` blocked longer than this counts as a wait.
-        idle_probe_every: after a forward that stored nothing, forwards entered through ``for_batch`` with
-            batches no larger skip the saved-tensor hooks, except one in every ``idle_probe_every``, which checks
-            again (see :mod:`lightning_tiercache.activations.idle`). ``0``: hooks on every forward.
-    """
-
-    min_bytes: int | str = "64KiB"
-    keep_tail_bytes: int | str | None = None
-    lead_bytes: int | str | None = None
-    max_lead_bytes: int | str | None = None
-    prefetch: bool = True
-    dedup: bool = True
-    tier: Tier | str = "auto"
-    wait_threshold_s: float = 1e-4
-    idle_probe_every: int = 64
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "min_bytes", parse_bytes(self.min_bytes, "min_bytes"))
-        for field in ("keep_tail_bytes", "lead_bytes", "max_lead_bytes"):
-            value = getattr(self, field)
-            if value is not None:
-                object.__setattr__(self, field, parse_bytes(value, field))
-        for field in ("prefetch", "dedup"):
-            if not isinstance(getattr(self, field), bool):
-                raise ValueError(f"{field}={getattr(self, field)!r} must be True or False")
-        tier = self.tier.label if isinstance(self.tier, Tier) else self.tier
-        if tier not in OFFLOAD_TIERS:
-            raise ValueError(f"tier={self.tier!r} is not one of {', '.join(OFFLOAD_TIERS)}")
-        object.__setattr__(self, "tier", {"host": Tier.HOST, "disk": Tier.DISK}.get(tier, "auto"))
-        n = self.idle_probe_every
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"idle_probe_every={n!r} must be an int >= 0")
-        w = self.wait_threshold_s
-        if isinstance(w, bool) or not isinstance(w, int | float) or not 0 <= w < 60:
-            raise ValueError(f"wait_threshold_s={w!r} must be a number of seconds in [0, 60)")
-
-    def offload_tier(self, device: torch.device) -> Tier:
-        """The tier offloaded tensors go to on a store serving ``device`` (``auto`` resolved)."""
-        return offload_tier_for(self.tier, device)
 
 
 class ActivationOffloader:
@@ -211,15 +126,13 @@ class ActivationOffloader:
             _opt_int(cfg.lead_bytes), _opt_int(cfg.keep_tail_bytes), _opt_int(cfg.max_lead_bytes)
         )
         self._min_bytes = int(cfg.min_bytes)
+        self.policy = SavePolicy(self._min_bytes, module, store.device)
         self._lock = threading.Lock()
         self._local = threading.local()
         self._deferred: collections.deque[Handle] = collections.deque()
         self._done: list[ForwardPass] = []
         self._counts: collections.Counter[str] = collections.Counter()
         self._times: dict[str, float] = {"unpack_wait_s": 0.0, "unpack_wait_max_s": 0.0}
-        self._param_ptrs: frozenset[int] | None = frozenset()  # None: collect on first need this forward
-        self._dtype_ok: dict[torch.dtype, bool] = {}
-        self._warned_compile = False
         self._tier = self.config.offload_tier(store.device)
         if self.config.tier == "auto" and self._tier is Tier.DISK and not store.budgets[Tier.DISK]:
             self._tier = Tier.HOST  # spilling is off: the host tier is all there is below the device
@@ -255,9 +168,7 @@ class ActivationOffloader:
             self._drain()
         if self._done:  # passes whose backward may have run (a list's truth value reads atomically)
             self._plan()
-        # Parameter storages can move between steps (resharding, .to()): collected again per forward, lazily,
-        # so a forward that saves only small tensors pays nothing for it.
-        self._param_ptrs = None if self.module is not None else frozenset()
+        self.policy.new_forward()
         hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
         hooks.__enter__()
         shapes, self._local.shapes = getattr(self._local, "shapes", None), None
@@ -336,10 +247,10 @@ class ActivationOffloader:
                 p.small += 1
                 p.small_bytes += nbytes
                 return Kept(tensor)
-            if _of_params(tensor):
+            if of_params(tensor):
                 p.params += 1
                 return Kept(tensor)
-        reason = self._skip_reason(tensor)
+        reason = self.policy.skip_reason(tensor)
         if reason is not None or p is None:
             reason = reason or "other"  # no pass: hooks of another thread's context (cannot happen; be safe)
             with self._lock:
@@ -348,7 +259,7 @@ class ActivationOffloader:
                     self._counts["skipped_bytes"] += tensor.numel() * tensor.element_size()
             return Kept(tensor)
         if self.config.dedup:
-            slot = self._find_dup(p, tensor)
+            slot = self.policy.find_dup(p, tensor)
             if slot is not None:
                 with self._lock:
                     self._counts["skipped_dup"] += 1
@@ -396,65 +307,6 @@ class ActivationOffloader:
             slot.tensor = None
             moved += slot.nbytes
         return moved
-
-    def _skip_reason(self, t: torch.Tensor) -> str | None:
-        if isinstance(t, torch.nn.Parameter):
-            return "params"
-        if type(t) not in _PLAIN or t.layout != torch.strided or t.is_quantized or t.is_nested:
-            return "other"
-        if t.numel() * t.element_size() < self._min_bytes:
-            return "small"  # the common case first: nothing below needs checking
-        if _of_params(t):
-            return "params"
-        if torch.compiler.is_compiling():
-            self._warn_compile()
-            return "other"
-        if t.is_conj() or t.is_neg() or not self._on_store_device(t.device) or not self._storable(t.dtype):
-            return "other"
-        if self._param_ptrs is None:
-            tensors = [*self.module.parameters(), *self.module.buffers()] if self.module is not None else []
-            self._param_ptrs = _storage_ptrs(tensors)
-        if self._param_ptrs and t.untyped_storage().data_ptr() in self._param_ptrs:
-            return "params"
-        return None
-
-    def _on_store_device(self, device: torch.device) -> bool:
-        own = self.store.device
-        return device.type == own.type and (device.index or 0) == (own.index or 0)
-
-    def _storable(self, dtype: torch.dtype) -> bool:
-        ok = self._dtype_ok.get(dtype)
-        if ok is None:
-            try:
-                dtype_code(dtype)
-                ok = True
-            except TypeError:
-                ok = False
-            self._dtype_ok[dtype] = ok
-        return ok
-
-    def _find_dup(self, p: ForwardPass, t: torch.Tensor) -> Slot | None:
-        found = p.dedup.get(t.untyped_storage().data_ptr())
-        if found is None:
-            return None
-        storage_ref, slot_ref = found
-        slot = slot_ref()
-        if slot is None or storage_ref.expired() or slot.dtype != t.dtype:
-            return None
-        lo = t.storage_offset()
-        hi = lo + extent(t)
-        return slot if slot.start <= lo and hi <= slot.start + slot.length else None
-
-    def _warn_compile(self) -> None:
-        if not self._warned_compile:
-            self._warned_compile = True
-            warnings.warn(
-                "tiercache: activation offload is inactive inside code traced by torch.compile (the hooks see "
-                "fake tensors there). Enter offload_activations() outside the compiled function: the tensors a "
-                "compiled graph saves at run time are then offloaded.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
 
     # ------------------------------------------------------------------ unpack
 
@@ -626,29 +478,6 @@ class ActivationOffloader:
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def _of_params(t: torch.Tensor) -> bool:
-    """Whether ``t`` is a leaf that needs grad (a parameter) or a view of one: offloading it frees nothing."""
-    if t.requires_grad and t.is_leaf:
-        return True
-    base = t._base
-    return base is not None and (isinstance(base, torch.nn.Parameter) or (base.is_leaf and base.requires_grad))
-
-
-def _storage_ptrs(tensors: list[torch.Tensor]) -> frozenset[int]:
-    """Storage addresses of ``tensors``. A DTensor (FSDP2, tensor parallel) stands for its local shard; a tensor
-    subclass without a storage of its own contributes nothing (it holds no bytes an activation could share)."""
-    out = set()
-    for x in tensors:
-        local = x.to_local() if _DTensor is not None and isinstance(x, _DTensor) else x  # type: ignore[attr-defined]
-        if not local.numel():
-            continue
-        try:
-            out.add(local.untyped_storage().data_ptr())
-        except RuntimeError:  # "invalid python storage": a wrapper subclass
-            continue
-    return frozenset(out)
 
 
 def _opt_int(value: int | str | None) -> int | None:
