@@ -91,7 +91,9 @@ class TierConfig:
 
     Args:
         device_bytes: budget of the device tier (CUDA memory; a RAM budget that plays the same role on a
-            CPU-only machine). ``None`` sizes it from this machine when the store opens.
+            CPU-only machine). On CUDA the budget is derived from the allocator when decisions are made (what
+            the tier holds plus what new tensors could get, less a fifth of the device), and this caps it;
+            ``None``: no cap. On a CPU-only machine ``None`` sizes it from RAM when the store opens.
         host_bytes: budget of the host tier (a pinned pool on CUDA). ``None``: from available RAM.
         disk_bytes: budget of the disk tier. ``0`` turns spilling off. ``None``: from free disk.
         spill_dir: parent folder for this process's private spill folder. ``None``: the system temp dir.

@@ -34,6 +34,7 @@ from lightning_tiercache.config import TierConfig
 from lightning_tiercache.errors import EntryEvictedError, EntryNotFoundError, SpillError, StoreClosedError
 from lightning_tiercache.store.budgets import resolve_budgets
 from lightning_tiercache.store.codec import AutoCodec
+from lightning_tiercache.store.device_budget import DeviceBudget, derive_device_budget
 from lightning_tiercache.store.moves import Download, Jobs, Spill, Upload, spill_error_kind
 from lightning_tiercache.store.policy import EvictionPolicy, make_policy
 from lightning_tiercache.store.tiers import Tier
@@ -126,6 +127,9 @@ class TierStore:
         self._budget = resolve_budgets(self.config, self.device)
         self._own_ops = device_ops is None
         self._ops = ops = device_ops if device_ops is not None else make_ops(self.device)
+        # Note: [device budget from the allocator] re-derived before the first decision, then when stale.
+        cap = int(self.config.device_bytes) if self.config.device_bytes is not None else None
+        self._device_budget = DeviceBudget(cap, derived=ops.has_allocator)
         pin = self.config.pin_memory if self.config.pin_memory is not None else ops.moves_bytes
         self._pool = (
             # Note: [pool across steps] idle buffers up to the host budget stay registered for the next step.
@@ -170,7 +174,8 @@ class TierStore:
 
     @property
     def budgets(self) -> dict[Tier, int]:
-        """Current byte budget of each tier."""
+        """Current byte budget of each tier (the device tier's derived from its allocator where it has one)."""
+        self._refresh_device_budget_if_due()
         with self._lock:
             return dict(self._budget)
 
@@ -184,6 +189,8 @@ class TierStore:
 
     def room(self, tier: Tier) -> int:
         """Bytes of ``tier``'s budget not in use now (negative when it is over budget)."""
+        if tier is Tier.DEVICE:
+            self._refresh_device_budget_if_due()
         with self._lock:
             return self._budget[tier] - self._used[tier]
 
@@ -229,6 +236,7 @@ class TierStore:
         top = self._top_tier(tensor.device)
         nbytes = tensor.numel() * tensor.element_size()
         ready = self._ops.ready(tensor)
+        self._refresh_device_budget_if_due()
         waited_s = 0.0
         while True:
             with self._lock:
@@ -260,6 +268,7 @@ class TierStore:
             self._policies[top].insert(e.id)
             self._counts["puts"] += 1
             self._counts["put_bytes"] += nbytes
+            self._device_budget.put()
             target = self._landing(e, max(top, tier if tier is not None else top))
             try:
                 if target != top:
@@ -466,6 +475,7 @@ class TierStore:
             self._enforce(tier, budget=target)
             moved = before - (self._used[tier] - self._leaving[tier])
             self._counts["demote_calls"] += 1
+            self._device_budget.invalidate()
         if wait:
             self.settle()
         return moved
@@ -478,6 +488,9 @@ class TierStore:
         with self._lock:
             self._check_open()
             self._budget[tier] = value
+            if tier is Tier.DEVICE:  # the new cap; the allocator may allow less (next decision)
+                self._device_budget.cap = value
+                self._device_budget.invalidate()
             if tier is Tier.HOST and self._pool is not None:
                 self._pool.max_idle_bytes = value  # Note: [pool across steps]
             self._enforce(tier)
@@ -497,6 +510,7 @@ class TierStore:
             TimeoutError: moves were still in flight after ``timeout_s``.
         """
         self._jobs.settle(timeout_s)
+        self._device_budget.invalidate()  # a batch boundary: others' device memory may have changed
 
     def stats(self, reset_window: bool = False) -> dict[str, Any]:
         """A snapshot of counters: per-tier bytes/entries/budget/peaks, traffic, waits and failures.
@@ -530,6 +544,7 @@ class TierStore:
             out["wait_s"] = self._busy_s["wait"]
             out["backpressure_s"] = self._busy_s["backpressure"]
             out["memory_trims"] = self._trimmer.trims
+            out["device_budget_refreshes"] = self._device_budget.refreshes
             out["wait_p50_s"] = waits[len(waits) // 2] if waits else 0.0
             out["wait_p95_s"] = waits[min(len(waits) - 1, math.ceil(0.95 * len(waits)) - 1)] if waits else 0.0
             out["pin_failures"] = self._pool.pin_failures if self._pool is not None else 0
@@ -582,6 +597,22 @@ class TierStore:
     def __contains__(self, handle: object) -> bool:
         with self._lock:
             return isinstance(handle, Handle) and handle.store == self._id and handle.id in self._entries
+
+    def _refresh_device_budget_if_due(self) -> None:
+        """Re-derive the device tier's budget from its allocator if the last snapshot is stale (lock not held).
+
+        Note: [device budget from the allocator] (:mod:`lightning_tiercache.store.device_budget`).
+        """
+        if not self._device_budget.due():
+            return
+        memory = self._ops.memory()  # a driver call on CUDA: made outside the lock
+        with self._lock:
+            if self._closed or memory is None:
+                return
+            held = self._used[Tier.DEVICE]
+            self._budget[Tier.DEVICE] = derive_device_budget(memory, held, self._device_budget.cap)
+            self._device_budget.refreshed()
+            self._enforce(Tier.DEVICE)
 
     # ------------------------------------------------------------------ placement (lock held)
 

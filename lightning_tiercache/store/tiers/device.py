@@ -17,15 +17,33 @@ The contract every implementation keeps (the movers rely on it):
   same for backpressure. Neither blocks the host on CUDA.
 * ``wait(event)`` blocks the calling host thread, sleeping (never spinning) until ``event`` completed.
 * ``bind_thread()`` runs first in every worker thread that calls into the device.
+* ``memory()`` is cheap but not free (a driver call on CUDA): the store asks it at decision points, not per put
+  (Note: [device budget from the allocator] in :mod:`lightning_tiercache.store.budgets`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Protocol
 
 import torch
 
-__all__ = ["CudaOps", "DeviceEvent", "DeviceOps", "cuda_event", "make_ops"]
+__all__ = ["CudaOps", "DeviceEvent", "DeviceMemory", "DeviceOps", "cuda_event", "make_ops"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DeviceMemory:
+    """The device allocator's state, as the device budget is derived from it.
+
+    Attributes:
+        total: the device's memory.
+        free: memory the driver has not handed to anyone (``cudaMemGetInfo``).
+        cached: memory the allocator holds but no tensor uses (reserved minus allocated): new tensors reuse it.
+    """
+
+    total: int
+    free: int
+    cached: int = 0
 
 
 class DeviceEvent(Protocol):
@@ -45,6 +63,8 @@ class DeviceOps:
 
     #: Whether device and host tiers are distinct memories (a move between them copies bytes).
     moves_bytes = False
+    #: Whether :meth:`memory` reports an allocator the device budget is derived from.
+    has_allocator = False
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -102,6 +122,10 @@ class DeviceOps:
         """Device time from ``start`` to ``end`` (two :meth:`stamp` events); ``None`` until both completed."""
         return None
 
+    def memory(self) -> DeviceMemory | None:
+        """The allocator's state now; ``None`` where the device tier is a plain byte budget (a CPU device)."""
+        return None
+
     def close(self) -> None:
         """Release what the device holds (streams, threads)."""
 
@@ -131,6 +155,7 @@ class CudaOps(DeviceOps):
     """
 
     moves_bytes = True
+    has_allocator = True
 
     def __init__(self, device: torch.device) -> None:
         super().__init__(device)
@@ -173,6 +198,11 @@ class CudaOps(DeviceOps):
             return True
         free, _ = torch.cuda.mem_get_info(self.device)
         return bool(free >= nbytes)
+
+    def memory(self) -> DeviceMemory | None:
+        free, total = torch.cuda.mem_get_info(self.device)
+        cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        return DeviceMemory(total=int(total), free=int(free), cached=max(0, int(cached)))
 
     def upload(self, src: torch.Tensor, dst: torch.Tensor) -> DeviceEvent | None:
         alloc_point = cuda_event()

@@ -15,7 +15,12 @@ What a real device would get wrong silently, this one makes visible:
 * a store worker thread that calls into the device without :meth:`~SimulatedDevice.bind_thread` is recorded
   too (on CUDA it would make a context on GPU 0);
 * ``capacity_bytes`` bounds reload allocations like device memory: over it, ``alloc`` counts a cache flush
-  and raises ``torch.OutOfMemoryError``; ``pinned_bytes`` bounds page-locked host memory the same way.
+  and raises ``torch.OutOfMemoryError``; ``pinned_bytes`` bounds page-locked host memory the same way, failing
+  as torch's pinned allocator does (``torch.AcceleratorError``, "CUDA error: out of memory");
+* ``total_bytes`` models the device allocator the store derives its device budget from
+  (:meth:`~SimulatedDevice.memory`): the device holds ``model_bytes`` (everything the store does not own: set
+  it to grow the model after the store opened) plus what :meth:`~SimulatedDevice.alloc` handed out and is
+  still alive. A device tensor a test puts is "allocated" only if it came from ``alloc``.
 
 Used by the test suite (``device_ops=SimulatedDevice(seed=...)`` on a :class:`~lightning_tiercache.TierStore`);
 it is not faster or slower than anything real, so benchmarks never use it.
@@ -33,7 +38,7 @@ from collections.abc import Callable
 
 import torch
 
-from lightning_tiercache.store.tiers.device import DeviceEvent, DeviceOps
+from lightning_tiercache.store.tiers.device import DeviceEvent, DeviceMemory, DeviceOps
 
 __all__ = ["POISON", "SimEvent", "SimulatedDevice"]
 
@@ -91,6 +96,9 @@ class SimulatedDevice(DeviceOps):
         max_delay_s: each copy waits a uniform random delay in ``[0, max_delay_s]`` before it runs.
         capacity_bytes: device memory available to reloads (``None``: unbounded).
         pinned_bytes: page-locked host memory available (``None``: unbounded).
+        total_bytes: the device's memory, for :meth:`memory` (``None``: no allocator, the device budget is the
+            configured number, as on a CPU device).
+        model_bytes: device memory held by others from the start (the model); the attribute may change later.
     """
 
     moves_bytes = True
@@ -102,6 +110,8 @@ class SimulatedDevice(DeviceOps):
         max_delay_s: float = 2e-3,
         capacity_bytes: int | None = None,
         pinned_bytes: int | None = None,
+        total_bytes: int | None = None,
+        model_bytes: int = 0,
     ) -> None:
         if max_delay_s < 0:
             raise ValueError(f"max_delay_s={max_delay_s!r} must be >= 0")
@@ -109,6 +119,9 @@ class SimulatedDevice(DeviceOps):
         self.max_delay_s = max_delay_s
         self.capacity_bytes = capacity_bytes
         self.pinned_limit = pinned_bytes
+        self.total_bytes = total_bytes
+        self.has_allocator = total_bytes is not None
+        self.model_bytes = model_bytes
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._local = threading.local()
@@ -152,7 +165,7 @@ class SimulatedDevice(DeviceOps):
             with self._lock:
                 if self.pinned_limit is not None and self.pinned_bytes + size > self.pinned_limit:
                     self.counts["pinned_failures"] += 1
-                    raise RuntimeError("CUDA error: out of memory (simulated cudaHostAlloc)")
+                    raise _pinned_oom()
                 self.pinned_bytes += size
         buf = torch.empty(size, dtype=torch.uint8)
         _poison(buf)
@@ -168,11 +181,11 @@ class SimulatedDevice(DeviceOps):
         self._check_thread("alloc")
         nbytes = _nbytes(shape, dtype)
         with self._lock:
-            if self.capacity_bytes is not None and self.allocated_bytes + nbytes > self.capacity_bytes:
+            free = self._free_locked()
+            if free is not None and nbytes > free:
                 self.flushes += 1  # CUDA's allocator releases its whole cache before it gives up
                 raise torch.OutOfMemoryError(
-                    f"CUDA out of memory (simulated): tried to allocate {nbytes} bytes with "
-                    f"{self.capacity_bytes - self.allocated_bytes} free"
+                    f"CUDA out of memory (simulated): tried to allocate {nbytes} bytes with {free} free"
                 )
             self.allocated_bytes += nbytes
             self.counts["allocs"] += 1
@@ -188,7 +201,25 @@ class SimulatedDevice(DeviceOps):
 
     def can_allocate(self, nbytes: int) -> bool:
         with self._lock:
-            return self.capacity_bytes is None or self.allocated_bytes + nbytes <= self.capacity_bytes
+            free = self._free_locked()
+            return free is None or nbytes <= free
+
+    def _free_locked(self) -> int | None:
+        """Bytes ``alloc`` may still hand out (``None``: unbounded)."""
+        bounds = []
+        if self.capacity_bytes is not None:
+            bounds.append(self.capacity_bytes - self.allocated_bytes)
+        if self.total_bytes is not None:
+            bounds.append(self.total_bytes - self.model_bytes - self.allocated_bytes)
+        return max(0, min(bounds)) if bounds else None
+
+    def memory(self) -> DeviceMemory | None:
+        if self.total_bytes is None:
+            return None
+        with self._lock:
+            self.counts["memory_queries"] += 1
+            free = max(0, self.total_bytes - self.model_bytes - self.allocated_bytes)
+        return DeviceMemory(total=self.total_bytes, free=free)
 
     # ------------------------------------------------------------------ copies
 
@@ -260,6 +291,17 @@ class SimulatedDevice(DeviceOps):
     def close(self) -> None:
         self._down.close()
         self._up.close()
+
+
+def _pinned_oom() -> torch.AcceleratorError:
+    """What torch raises when ``cudaHostAlloc`` fails: c10's CUDA check turns ``cudaErrorMemoryAllocation`` (2)
+    into an ``AcceleratorError`` whose message starts "CUDA error: out of memory" and whose ``error_code`` is 2."""
+    err = torch.AcceleratorError(
+        "CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported at some other API call, "
+        "so the stacktrace below might be incorrect. (simulated cudaHostAlloc)"
+    )
+    err.error_code = 2  # type: ignore[attr-defined]
+    return err
 
 
 def _poison(buf: torch.Tensor) -> None:
