@@ -7,6 +7,7 @@ __all__ = [
     "EntryEvictedError",
     "EntryNotFoundError",
     "OOMRecoveryError",
+    "PinnedMemoryError",
     "SpillCorruptError",
     "SpillError",
     "SpillMissingError",
@@ -48,6 +49,14 @@ class SpillMissingError(SpillError):
 
 class BatchSplitError(TierCacheError, TypeError):
     """A batch could not be split into micro-batches; pass a ``split_fn`` that knows its type."""
+
+
+class PinnedMemoryError(TierCacheError, RuntimeError):
+    """Page-locked (pinned) host memory could not be allocated. Not a device OOM: a smaller batch does not help.
+
+    The store falls back to pageable memory where it pins; where this is raised, raise the locked-memory limit
+    (``ulimit -l``) or lower ``host_bytes``.
+    """
 
 
 class OOMRecoveryError(TierCacheError):

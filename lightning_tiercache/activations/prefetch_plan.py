@@ -28,6 +28,9 @@ from typing import Any
 
 import torch
 
+from lightning_tiercache.errors import PinnedMemoryError
+from lightning_tiercache.store.tiers.host import torch_pinned
+
 __all__ = ["ForwardPass", "Measurement", "PrefetchPlanner", "measure_pass", "probe_h2d_bytes_per_s"]
 
 _REGIONS = 8  # backward rate is measured per region of equal forward bytes
@@ -272,9 +275,14 @@ class PrefetchPlanner:
 
 
 def probe_h2d_bytes_per_s(device: torch.device) -> float:
-    """Measured pinned host-to-device copy bandwidth in bytes per second (32 MiB, on a side stream)."""
+    """Measured host-to-device copy bandwidth in bytes per second (32 MiB, on a side stream), from pinned memory,
+    or pageable memory where none could be pinned (Note: [pinned memory is not a device OOM]: a failed pin here
+    must not reach the step as an OOM)."""
     nbytes = 32 << 20
-    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    try:
+        host = torch_pinned(nbytes)
+    except PinnedMemoryError:
+        host = torch.empty(nbytes, dtype=torch.uint8)
     stream = torch.cuda.Stream(device=device)
     begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     with torch.cuda.stream(stream):

@@ -30,6 +30,7 @@ import psutil
 import torch
 import torch.distributed as dist
 
+from lightning_tiercache.errors import PinnedMemoryError
 from lightning_tiercache.oom.split import MergeFn, SplitFn
 
 __all__ = [
@@ -52,7 +53,7 @@ LOSS_REDUCTIONS = ("mean", "sum")
 # other accelerators, the CPU allocator, and cuDNN/cuBLAS failing to allocate workspace under pressure.
 _OOM_MESSAGES = (
     "CUDA out of memory",
-    "CUDA error: out of memory",  # torch.AcceleratorError from cudaHostAlloc, cuBLAS handles, workspaces
+    "CUDA error: out of memory",  # torch.AcceleratorError from a raw cudaMalloc (and cudaHostAlloc: _from_pinning)
     "HIP out of memory",
     "XPU out of memory",
     "MPS backend out of memory",
@@ -136,13 +137,42 @@ class OOMConfig:
 
 
 def is_oom_error(exc: BaseException) -> bool:
-    """Whether ``exc`` means the allocator ran out of memory (any accelerator, the CPU, cuDNN under pressure)."""
+    """Whether ``exc`` means the allocator ran out of memory (any accelerator, the CPU, cuDNN under pressure),
+    so that a smaller batch can help. A failed pinned host allocation is not one (Note: [pinned memory is not a
+    device OOM])."""
     if isinstance(exc, torch.OutOfMemoryError):
         return True
     if not isinstance(exc, RuntimeError) or not exc.args or not isinstance(exc.args[0], str):
         return False
     message = exc.args[0]
-    return any(m in message for m in _OOM_MESSAGES)
+    return any(m in message for m in _OOM_MESSAGES) and not _from_pinning(exc, message)
+
+
+def _from_pinning(exc: BaseException, message: str) -> bool:
+    """Whether ``exc`` was raised by a page-locked host allocation.
+
+    Note: [pinned memory is not a device OOM]
+        torch's device allocators (the caching allocator and the ``cudaMallocAsync`` backend) raise
+        ``torch.OutOfMemoryError``. A pinned host allocation goes through the caching *host* allocator, which
+        checks ``cudaHostAlloc``/``cudaHostRegister`` with c10's CUDA check: ``torch.AcceleratorError``,
+        "CUDA error: out of memory", ``error_code`` 2, the same as a raw ``cudaMalloc`` outside the allocator
+        (an extension's, a context's), which does mean device memory. So the message alone cannot tell them
+        apart; where it was raised can. A pinned failure is: the store's :class:`PinnedMemoryError` (the store
+        itself falls back to pageable memory), DataLoader's pin-memory thread (which re-raises it as "Caught
+        AcceleratorError in pin memory thread ..."), a frame named ``pin_memory`` (``Tensor.pin_memory``
+        callers: DataLoader's ``pin_memory`` and the custom batch types it calls), and ``save_on_cpu``'s pack
+        (``torch.empty(..., pin_memory=True)``). Splitting the batch does not give the host more locked memory,
+        so these surface as they are.
+    """
+    if isinstance(exc, PinnedMemoryError) or " in pin memory thread" in message:
+        return True
+    tb = exc.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_name == "pin_memory" or (code.co_name == "pack_to_cpu" and "autograd" in code.co_filename):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _cuda_ready(device: torch.device | None) -> bool:

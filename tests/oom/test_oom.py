@@ -71,6 +71,88 @@ def test_oom_detection_is_precise(exc, expected):
     assert is_oom_error(exc) is expected
 
 
+def _pinned_oom() -> torch.AcceleratorError:
+    # What c10's CUDA check raises when cudaHostAlloc/cudaHostRegister fails in torch's caching host allocator.
+    err = torch.AcceleratorError("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported")
+    err.error_code = 2  # cudaErrorMemoryAllocation
+    return err
+
+
+def _raised(fn) -> BaseException:
+    try:
+        fn()
+    except BaseException as exc:  # the test inspects whatever was raised
+        return exc
+    raise AssertionError("nothing was raised")
+
+
+def test_a_failed_pinned_host_allocation_is_not_a_device_oom(monkeypatch):
+    """Note: [pinned memory is not a device OOM] -- the same "CUDA error: out of memory" from a raw cudaMalloc
+    still is one; from a pinning call it is not, whoever pinned."""
+    from torch._utils import ExceptionWrapper
+
+    from lightning_tiercache import PinnedMemoryError
+    from lightning_tiercache.store.tiers import host
+
+    def raw_malloc():  # an extension's cudaMalloc, checked with C10_CUDA_CHECK
+        raise _pinned_oom()
+
+    assert is_oom_error(_raised(raw_malloc))
+    assert not is_oom_error(_raised(_PinnedBatch().pin_memory))
+
+    def pin_thread():  # torch's pin-memory thread catches it and the main thread re-raises it
+        try:
+            raise _pinned_oom()
+        except torch.AcceleratorError:
+            wrapped = ExceptionWrapper(where="in pin memory thread for device 0")
+        wrapped.reraise()
+
+    exc = _raised(pin_thread)
+    assert isinstance(exc, torch.AcceleratorError) and "CUDA error: out of memory" in str(exc)
+    assert not is_oom_error(exc)
+
+    empty = torch.empty
+
+    def failing_pin(*args, pin_memory=False, **kwargs):
+        if pin_memory:
+            raise _pinned_oom()
+        return empty(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", failing_pin)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    x = torch.randn(3, requires_grad=True)
+
+    def saved_on_cpu():
+        with torch.autograd.graph.save_on_cpu(pin_memory=True):
+            (x * x).sum()
+
+    assert not is_oom_error(_raised(saved_on_cpu))
+    # The store's own pinning raises the typed error (its pool falls back to pageable memory instead).
+    exc = _raised(lambda: host.torch_pinned(4096))
+    assert isinstance(exc, PinnedMemoryError) and not is_oom_error(exc)
+
+
+class _PinnedBatch:  # a custom batch type DataLoader(pin_memory=True) pins
+    def pin_memory(self):
+        raise _pinned_oom()
+
+
+def test_a_pinned_failure_in_a_step_surfaces_instead_of_splitting_the_batch():
+    from lightning_tiercache.oom.microbatch import MicroBatchRunner
+
+    net = _net()
+    sizes = []
+
+    def step(part, scale):
+        sizes.append(part[0].shape[0])
+        _PinnedBatch().pin_memory()  # e.g. a step that pins what it saves for later
+
+    runner = MicroBatchRunner(OOMConfig(), MicroBatchPolicy(OOMConfig()))
+    with pytest.raises(torch.AcceleratorError, match="CUDA error: out of memory"):
+        runner.run_train(_batch(), step, list(net.parameters()))
+    assert sizes == [32]  # tried once at full size: not split
+
+
 def test_memory_summary_names_rss_and_available_ram():
     assert "process RSS" in memory_summary() and "RAM available" in memory_summary()
 

@@ -15,7 +15,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["PinnedPool", "cuda_error_clearer", "pinned_empty", "torch_pinned"]
+from lightning_tiercache.errors import PinnedMemoryError
+
+__all__ = ["PinnedPool", "cuda_error_clearer", "is_pin_oom", "pinned_empty", "torch_pinned"]
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +52,30 @@ def cuda_error_clearer() -> Callable[[], Any] | None:
 
 
 def torch_pinned(nbytes: int) -> torch.Tensor:
-    """``nbytes`` of page-locked memory from PyTorch's caching host allocator (rounded up to a power of two)."""
-    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    """``nbytes`` of page-locked memory from PyTorch's caching host allocator (rounded up to a power of two).
+
+    Raises:
+        PinnedMemoryError: the allocator could not pin that much (Note: [pinned memory is not a device OOM]
+            in :mod:`lightning_tiercache.oom.recovery`).
+    """
+    try:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    except RuntimeError as err:
+        if not is_pin_oom(err):
+            raise
+        raise PinnedMemoryError(f"could not pin {nbytes} bytes of host memory: {str(err).splitlines()[0]}") from err
+
+
+def is_pin_oom(err: BaseException) -> bool:
+    """Whether ``err``, raised by a pinned host allocation, says the memory was not there.
+
+    torch's caching host allocator checks ``cudaHostAlloc`` (or ``cudaHostRegister``) with c10's CUDA check,
+    which raises ``torch.AcceleratorError`` "CUDA error: out of memory" with ``error_code`` 2
+    (``cudaErrorMemoryAllocation``).
+    """
+    return isinstance(err, PinnedMemoryError) or (
+        isinstance(err, RuntimeError) and (getattr(err, "error_code", None) == 2 or "out of memory" in str(err))
+    )
 
 
 def pinned_empty(nbytes: int) -> torch.Tensor:
@@ -129,8 +153,8 @@ class PinnedPool:
             self.allocated += 1
         try:
             return self._allocate(max(nbytes, 1), self._pin)
-        except RuntimeError as err:  # "CUDA error: out of memory" from cudaHostAlloc: not a device OOM
-            if not self._pin:
+        except RuntimeError as err:  # Note: [pinned memory is not a device OOM]: fall back to pageable memory
+            if not self._pin:  # any failure to pin: a pageable buffer still works, only slower
                 raise
             self.pin_failures += 1
             if self.pin_failures == 1:
