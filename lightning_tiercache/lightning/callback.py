@@ -88,7 +88,7 @@ class TierCacheCallback(Callback):
             ``log_every_n_steps`` (its ``0``: only at the end of each stage).
         progress_bar: **telemetry** -- show ``tc_hit_rate`` (store gets served without waiting),
             ``tc_device_use`` (device-tier peak / budget) and ``tc_micro_batches`` (micro-batches per batch,
-            1 = no split) on the progress bar; ``False`` leaves the bar untouched.
+            1 = no split) on the progress bar from the first logged row on; ``False`` leaves the bar untouched.
         wandb_extras: **telemetry** -- with a ``WandbLogger``, define metric summaries and log the
             ``tiercache/events`` table.
         copy_next_batch: **batch copy** -- on CUDA, copy the next batch to the device on a side stream while
@@ -112,10 +112,12 @@ class TierCacheCallback(Callback):
     :attr:`offloader`, :attr:`step_hook`, :attr:`kv_generate` and :attr:`copier` (``None`` outside a stage
     or when off).
 
-    Logged keys (every ``log_every_n_steps`` batches that step the optimizer, and at the end of each stage
-    when batches were not logged yet, at the last batch's step; through ``trainer.loggers``, reduced across
-    ranks; :data:`lightning_tiercache.lightning.telemetry.METRICS` is the full table with units and
-    reductions): ``tiercache/{device,host,disk}/{bytes,entries,budget_use,peak_bytes}``, ``tiercache/hit_rate``,
+    Logged keys (once the library did something in the stage: stored or read an entry, retried an OOM, reused
+    a prompt prefix; from then on every ``log_every_n_steps`` batches that step the optimizer, and at the end
+    of each stage when batches were not logged yet, at the last batch's step; eval under DDP at the stage's end
+    only; through ``trainer.loggers``, reduced across ranks;
+    :data:`lightning_tiercache.lightning.telemetry.METRICS` is the full table with units and reductions):
+    ``tiercache/{device,host,disk}/{bytes,entries,budget_use,peak_bytes}``, ``tiercache/hit_rate``,
     ``tiercache/prefetch/{wait_share,wait_p50_s,wait_p95_s,wait_s}``,
     ``tiercache/bandwidth/{to_device,to_host,to_disk,from_disk}_bytes_per_s``, ``tiercache/puts``,
     ``tiercache/gets``, ``tiercache/spills``, ``tiercache/evictions``, ``tiercache/drops``,
@@ -231,6 +233,7 @@ class TierCacheCallback(Callback):
         self._unlogged: tuple[str, int] | None = None  # (stage, step) of the last batch not yet logged
         self._bar_values: dict[str, float | int] = {}
         self._bar_patch: tuple[Any, bool, Any] | None = None
+        self._engaged = False  # a window showed work in this stage (Note: [pay for telemetry])
 
     # Live parts built in `setup` (threads, locks, patched Lightning objects): not copied or pickled.
     _LIVE = ("copier", "telemetry", "_wandb", "_bar_patch")
@@ -334,7 +337,7 @@ class TierCacheCallback(Callback):
             return  # nothing sampled, nothing logged, the bar untouched
         every = self.log_every_n_steps or getattr(trainer, "log_every_n_steps", 50) or None
         self.telemetry = Telemetry(every, device=device)
-        self._show_on_progress_bar(trainer)
+        self._engaged = False  # Note: [pay for telemetry]
         if self.wandb_extras and trainer.is_global_zero:
             from lightning_tiercache.lightning.wandb_support import find_wandb_logger
 
@@ -411,7 +414,10 @@ class TierCacheCallback(Callback):
         self._eval_batches += 1
         if self._stage != "fit":  # validation inside fit logs once, at its end, at the training step
             index = self._eval_batches - 1
-            self._batch_logged_or_kept(trainer, stage, index, index)
+            if _distributed():  # Note: [eval rows across ranks]
+                self._unlogged = (stage, index)
+            else:
+                self._batch_logged_or_kept(trainer, stage, index, index)
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -444,7 +450,7 @@ class TierCacheCallback(Callback):
         if self._stage == "fit":  # one row at the training step, only if the validation used the store
             self._log_now(trainer, "validate", trainer.fit_loop.epoch_loop._batches_that_stepped, if_active=True)
         else:
-            self._log_unlogged(trainer, "validate")
+            self._log_eval_end(trainer, "validate")
 
     @override
     def on_test_batch_start(
@@ -466,7 +472,7 @@ class TierCacheCallback(Callback):
 
     @override
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._log_unlogged(trainer, "test")
+        self._log_eval_end(trainer, "test")
 
     @override
     def on_predict_batch_start(
@@ -488,7 +494,7 @@ class TierCacheCallback(Callback):
 
     @override
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._log_unlogged(trainer, "predict")
+        self._log_eval_end(trainer, "predict")
 
     # ------------------------------------------------------------------ telemetry
 
@@ -504,6 +510,21 @@ class TierCacheCallback(Callback):
         """Log the window of ``stage``'s batches since the last row, if there are any, at the last one's step."""
         if self._unlogged is not None and self._unlogged[0] == stage:
             self._log_now(trainer, stage, self._unlogged[1])
+
+    def _log_eval_end(self, trainer: pl.Trainer, stage: str) -> None:
+        """The end of a stand-alone eval stage: its unlogged batches; under DDP always one reduced row.
+
+        Note: [eval rows across ranks] eval ranks may run different numbers of batches (Lightning's predict
+        sampler, ``use_distributed_sampler=False``, uneven iterables), so no batch is one every rank reaches and
+        a per-batch reduce could wait forever. Under DDP, eval rows are therefore logged once, at the stage's end,
+        which every rank reaches once: every rank reduces there, at rank zero's last batch.
+        """
+        if not _distributed():
+            self._log_unlogged(trainer, stage)
+            return
+        kept = self._unlogged
+        step = kept[1] if kept is not None and kept[0] == stage else max(self._eval_batches - 1, 0)
+        self._log_now(trainer, stage, step)
 
     def _show_on_progress_bar(self, trainer: pl.Trainer) -> None:
         """Add the summary to the progress bar's ``get_metrics`` (its documented override point).
@@ -552,9 +573,15 @@ class TierCacheCallback(Callback):
             oom_prefix="" if train else "eval_",
         )
         reduced = self.telemetry.reduce(values)
-        if not self.telemetry.active(reduced, stage) and if_active:
+        # Note: [pay for telemetry] until a window shows work (entries put or read, an OOM retry, KV blocks),
+        # nothing reaches a logger or the bar: a run the library does nothing for logs what it logs without it.
+        # The reduced values are alike on every rank, so every rank decides alike (the gather below).
+        worked = self.telemetry.active(reduced, stage)
+        self._engaged = self._engaged or worked
+        if not (worked if if_active else self._engaged):
             return
         self.last_metrics.update(reduced)
+        self._show_on_progress_bar(trainer)
         if self._bar_patch is not None:
             self._bar_values["tc_hit_rate"] = round(reduced.get("tiercache/hit_rate", 1.0), 3)
             self._bar_values["tc_device_use"] = round(reduced.get("tiercache/device/budget_use", 0.0), 3)
@@ -592,6 +619,10 @@ class TierCacheCallback(Callback):
                 self.copier.uninstall()
             if wandb_bridge is not None:
                 wandb_bridge.flush()
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _steps_optimizer(trainer: pl.Trainer, pl_module: pl.LightningModule, batch_idx: int) -> bool:

@@ -74,6 +74,30 @@ def _forward_has_collectives(strategy: Any) -> bool:
     return not isinstance(strategy, DDPStrategy) or "deepspeed" in module or "xla" in module
 
 
+class _Method:
+    """A wrapped strategy method that reads as the method it wraps: attributes come from the original.
+
+    Note: [wrapped methods] the hook's wrappers are instance attributes of the strategy, so
+    ``trainer.strategy.backward`` is the wrapper. What code reads from that attribute (a ``Mock``'s
+    ``call_count`` when a test patched ``Strategy.backward``, ``__self__``, ``__name__``) is the original's.
+    """
+
+    __slots__ = ("__wrapped__", "_call")
+
+    def __init__(self, call: Callable[..., Any], original: Callable[..., Any]) -> None:
+        self._call = call
+        self.__wrapped__ = original
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._call(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__wrapped__, name)
+
+    def __repr__(self) -> str:
+        return repr(self.__wrapped__)
+
+
 class StepHook:
     """Split-and-retry for the steps of one Trainer, installed on its strategy.
 
@@ -142,10 +166,13 @@ class StepHook:
             self._saved[name] = (name in vars(strategy), vars(strategy).get(name))
         self._trainer, self._strategy = trainer, strategy
         self._eval_agreed = trainer.world_size > 1 and _forward_has_collectives(strategy)
-        setattr(strategy, "training_step", self._wrap_train(originals["training_step"], originals["backward"]))  # noqa: B010
-        setattr(strategy, "backward", self._wrap_backward(originals["backward"]))  # noqa: B010
-        for name in _EVAL_STEPS:
-            setattr(strategy, name, self._wrap_eval(name, originals[name]))
+        wrapped = {
+            "training_step": self._wrap_train(originals["training_step"], originals["backward"]),
+            "backward": self._wrap_backward(originals["backward"]),
+            **{name: self._wrap_eval(name, originals[name]) for name in _EVAL_STEPS},
+        }
+        for name, call in wrapped.items():
+            setattr(strategy, name, _Method(call, originals[name]))
 
     def uninstall(self) -> None:
         """Put the strategy's original methods back exactly; safe to call more than once."""

@@ -7,7 +7,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.demos.boring_classes import BoringModel
+from lightning.pytorch.demos.boring_classes import BoringModel, RandomDataset
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_tiercache import TierCacheCallback
@@ -210,7 +210,9 @@ def test_learned_split_survives_in_state_dict(tmp_path: Path, spill_parent: Path
 
 def test_validate_alone_logs_eval_keys_per_batch(tmp_path: Path, spill_parent: Path) -> None:
     t = trainer(tmp_path, make_callback(spill_parent), log_every_n_steps=1)
-    t.validate(BoringModel())
+    model = BoringModel()
+    OOMInjector(above_batch_size=1, max_faults=1).attach(model.layer)  # the first batch splits: work to report
+    t.validate(model, torch.utils.data.DataLoader(RandomDataset(32, 8), batch_size=2))
     logged = [r for r in rows(t) if r.get("tiercache/ranks")]
     assert [r["step"] for r in logged] == ["0", "1"]  # two batches; the end adds no row one step past them
     keys = {k for r in logged for k, v in r.items() if k.startswith("tiercache/") and v != ""}

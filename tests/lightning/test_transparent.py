@@ -8,10 +8,13 @@ import copy
 import pickle
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import BatchSizeFinder, StochasticWeightAveraging
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.strategies import Strategy
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
@@ -155,3 +158,84 @@ def test_the_callback_copies_and_pickles_during_fit(tmp_path: Path, spill_parent
     assert any(isinstance(cb, TierCacheCallback) for cb in copies[-2])
     # A copy is a working callback for another Trainer.
     _trainer(tmp_path, [copied], max_steps=2).fit(Net())
+
+
+class _Recorder(Logger):
+    """Every ``log_metrics`` call, as a logger sees it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[int | None, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "recorder"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.calls.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+class _Logged(Net):
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        self.log("loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val", super().training_step(batch, batch_idx), prog_bar=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.train_dataloader()
+
+
+def test_a_run_the_library_does_nothing_for_logs_exactly_what_it_logs_without_it(
+    tmp_path: Path, spill_parent: Path
+) -> None:
+    # Note: [pay for telemetry]: no store traffic, no OOM, no KV: no tiercache row, the bar untouched.
+    def fit(callbacks: list[Any]) -> tuple[_Recorder, list[dict[str, Any]], bool]:
+        recorder, bars, patched = _Recorder(), [], []
+
+        class Peek(L.Callback):
+            def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+                bar = trainer.progress_bar_callback
+                patched.append("get_metrics" in vars(bar))
+                bars.append(dict(bar.get_metrics(trainer, pl_module)))
+
+        trainer = L.Trainer(
+            default_root_dir=tmp_path, callbacks=[*callbacks, Peek()], logger=recorder, enable_checkpointing=False,
+            enable_model_summary=False, accelerator="cpu", max_epochs=2, limit_train_batches=6,
+            limit_val_batches=3, log_every_n_steps=1,
+        )  # fmt: skip
+        trainer.fit(_Logged())
+        return recorder, bars, any(patched)
+
+    plain, plain_bars, _ = fit([])
+    recorder, bars, patched = fit([_callback(spill_parent)])
+    assert len(recorder.calls) == len(plain.calls) > 12
+    assert recorder.calls == plain.calls  # the same steps, keys and values
+    assert not patched and bars == plain_bars
+
+
+def test_the_wrapped_strategy_methods_read_as_lightnings_own(tmp_path: Path, spill_parent: Path) -> None:
+    # Note: [wrapped methods]: a test that patches Strategy.backward with a Mock reads its count from the strategy.
+    seen: dict[str, Any] = {}
+
+    class Peek(L.Callback):
+        def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            strategy = trainer.strategy
+            seen["backwards"] = strategy.backward.call_count
+            seen["bound_to"] = strategy.training_step.__self__
+            seen["name"] = strategy.validation_step.__name__
+
+    trainer = _trainer(tmp_path, [_callback(spill_parent), Peek()], max_steps=5)
+    with mock.patch.object(Strategy, "backward", wraps=trainer.strategy.backward):
+        trainer.fit(Net())
+    assert seen == {"backwards": 5, "bound_to": trainer.strategy, "name": "validation_step"}
+    assert "backward" not in vars(trainer.strategy)  # put back at teardown

@@ -1,9 +1,9 @@
 """2-process CPU DDP (gloo) with ``TierCacheCallback()``: what DDP users rely on still holds.
 
-Eval with different batch counts per rank finishes (no per-step collective), a communication hook the module
-registers runs on every training step as often as without the callback, and an eval OOM on one rank splits
-there alone and counts every sample once. The test launches this file twice as a script (Lightning's
-"launched externally" mode); each process runs every scenario and writes what it saw.
+Eval with different batch counts per rank finishes (no per-step collective, telemetry included), a
+communication hook the module registers runs on every training step as often as without the callback, and an
+eval OOM on one rank splits there alone and counts every sample once. The test launches this file twice as a
+script (Lightning's "launched externally" mode); each process runs every scenario and writes what it saw.
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ def test_ddp_eval_with_uneven_batches_and_comm_hooks_behave_as_without_the_callb
     # predict: 5 samples on 2 ranks are 3 and 2 batches; validate: 3 and 2 batches by construction.
     assert [s["predicted"] for s in seen] == [3, 2]
     assert [s["validated"] for s in seen] == [3, 2]
+    # Telemetry under DDP eval: no per-batch reduce (it would wait for a batch rank 1 never runs); one row per
+    # stage, at its end, reduced over both ranks (rank 1's OOM retry), at rank zero's last batch.
+    assert seen[0]["rows"] == [[[2, 2.0, 1.0]], [[2, 2.0, 1.0]]]
     for s in seen:
         assert s["hook_calls"] == s["hook_calls_plain"] >= s["train_steps"] == 4
     # One rank ran out of memory in validation: it split alone; the logged sums equal the plain run's.
@@ -95,8 +98,9 @@ def _worker(out_dir: Path) -> None:  # pragma: no cover - runs in subprocesses
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     def trainer(callbacks: list[Any], **kw: Any) -> L.Trainer:
+        kw.setdefault("logger", False)
         return L.Trainer(
-            accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_checkpointing=False,
+            accelerator="cpu", devices=2, strategy="ddp", enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=callbacks, **kw,
         )  # fmt: skip
 
@@ -116,6 +120,35 @@ def _worker(out_dir: Path) -> None:  # pragma: no cover - runs in subprocesses
     uneven = DataLoader(data(3 if rank == 0 else 2, seed=2 + rank), batch_size=1)
     trainer([tiercache(), counter], use_distributed_sampler=False).validate(model, uneven)
     seen["validated"] = counter.batches
+
+    note("telemetry every batch: predict and validate with 3 and 2 batches, an OOM on rank 1")
+    from lightning.pytorch.loggers import Logger
+
+    class Recorder(Logger):
+        name, version = "recorder", 0  # type: ignore[assignment]
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.rows: list[list[Any]] = []
+
+        def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+            if "tiercache/ranks" in metrics:
+                self.rows.append([step, metrics["tiercache/ranks"], metrics["tiercache/oom/retries"]])
+
+        def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+    seen["rows"] = []
+    for stage in ("predict", "validate"):
+        recorder = Recorder()
+        fault = OOMInjector(above_batch_size=1, ranks=[1], max_faults=1).attach(model.l1)
+        t = trainer([tiercache()], logger=recorder, log_every_n_steps=1, use_distributed_sampler=stage == "predict")
+        if stage == "predict":  # Lightning's predict sampler: 5 and 4 samples, 3 and 2 batches of 2
+            t.predict(model, DataLoader(data(9), batch_size=2))
+        else:
+            t.validate(model, DataLoader(data(6 if rank == 0 else 4, seed=2 + rank), batch_size=2), verbose=False)
+        fault.detach()
+        seen["rows"].append(recorder.rows)
 
     note("fit with a comm hook")
     train = DataLoader(data(64), batch_size=8)  # the distributed sampler gives each rank 32 samples
