@@ -36,7 +36,7 @@ __all__ = ["KVConfig", "TieredKVCache", "cache_kwarg"]
 COUNTERS = (
     "hits", "misses", "hit_tokens", "lookups", "stored_blocks", "evicted_hits", "prefetched_blocks",
     "prefetch_waits", "bytes_loaded", "bytes_offloaded", "shared_prefill_blocks", "shared_prefill_tokens",
-    "unstored_position_mismatch",
+    "unstored_position_mismatch", "persist_unpinned",
 )  # fmt: skip
 
 

@@ -48,6 +48,7 @@ from lightning_tiercache.errors import EntryNotFoundError, SpillError
 from lightning_tiercache.kv.prefix import PersistDir, RowBlocks, mask_positions, row_blocks
 from lightning_tiercache.kv.quant import KVQuantizer
 from lightning_tiercache.store.placement import Handle, Kind, TierStore
+from lightning_tiercache.store.tiers.host import is_pin_oom
 
 __all__ = ["PrefixBlocks", "ServePlan"]
 
@@ -280,9 +281,15 @@ class PrefixBlocks:
         ready: Any = None
         if data.is_cuda:
             stream = torch.cuda.current_stream(data.device)
-            data = data.detach().to("cpu", non_blocking=True)  # into pinned memory, queued on this stream
-            ready = torch.cuda.Event(blocking=True)
-            ready.record(stream)
+            try:
+                data = data.detach().to("cpu", non_blocking=True)  # into pinned memory, queued on this stream
+                ready = torch.cuda.Event(blocking=True)
+                ready.record(stream)
+            except RuntimeError as err:  # Note: [pinned memory is not a device OOM]
+                if not is_pin_oom(err):
+                    raise
+                self.counts["persist_unpinned"] += 1
+                data = data.detach().to("cpu")  # no locked memory left: a blocking copy into pageable memory
         elif data.device.type != "cpu":
             data = data.detach().to("cpu")
         self._writer.submit(_save_when_ready, persist, key, layer, data, ready)
