@@ -153,3 +153,15 @@ def test_offload_lowers_peak_memory_and_releases_everything(cuda_store):
     store.settle()
     assert len(store) == 0
     assert off.state_dict()["h2d_bytes_per_s"] > 1e9
+
+
+def test_the_bandwidth_probe_measures_pageable_memory_when_nothing_can_be_pinned(monkeypatch):
+    """Note: [pinned memory is not a device OOM] -- the probe runs inside a step; a failed pin must not reach it."""
+    from lightning_tiercache.activations import prefetch_plan
+    from lightning_tiercache.errors import PinnedMemoryError
+
+    def no_locked_memory(nbytes: int) -> torch.Tensor:
+        raise PinnedMemoryError(f"could not pin {nbytes} bytes of host memory: CUDA error: out of memory")
+
+    monkeypatch.setattr(prefetch_plan, "torch_pinned", no_locked_memory)
+    assert prefetch_plan.probe_h2d_bytes_per_s(torch.device("cuda")) > 1e6

@@ -111,3 +111,29 @@ def test_pinned_pool_reuses_buffers_without_power_of_two_rounding():
     assert b.data_ptr() == a.data_ptr() and pool.reused == 1
     c = pool.take(3_000_000)
     assert c.numel() == 3_000_000
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_worker_threads_use_the_store_device_not_gpu_0(tmp_path):
+    """Note: [worker device] -- on one GPU device 0 is the store's, so only a second device can show this."""
+    import threading
+
+    cfg = TierConfig(device="cuda:1", device_bytes="1MiB", host_bytes=0, disk_bytes="64MiB", spill_dir=str(tmp_path))
+    seen: list[int] = []
+    with TierStore(cfg) as store:
+        ops = store.device_ops
+        for name in ("download", "upload", "host_buffer", "alloc"):
+            real = getattr(ops, name)
+
+            def recorded(*args, _real=real, **kwargs):
+                if threading.current_thread().name.startswith("tiercache-"):
+                    seen.append(torch.cuda.current_device())
+                return _real(*args, **kwargs)
+
+            setattr(ops, name, recorded)
+        t = torch.randn(1 << 20, device="cuda:1")
+        h = store.put(t)  # over the device budget: an I/O thread copies it down and writes it
+        store.settle()
+        assert store.where(h) is Tier.DISK
+        assert torch.equal(store.get(h), t)
+    assert seen and set(seen) == {1}  # the I/O thread's download and its host buffer
