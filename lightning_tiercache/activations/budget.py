@@ -1,11 +1,16 @@
 """The device budget's say in activation offload: how much of a forward stays resident, and who breaks it.
 
-Offload moves only what must go. :func:`resident_tail_bytes` sizes the *resident tail*, the end of the forward
-that stays in the store's device tier, from the room that tier has when the forward starts. What does not fit
-leaves from the start of the forward, whose backward runs last, so its reload has the most backward work to
-hide behind. The tail leaves a reserve of the room free: entries on their way down still hold their bytes
-until their move finished (the store's backpressure keeps that within the budget), and in backward the
-prefetch lead lands there while the tail is still resident.
+Offload moves only what must go. :func:`resident_tail_bytes` sizes the *resident tail*, the bytes of a forward
+that stay in the store's device tier, from the room that tier has when the forward starts. The tail leaves a
+reserve of the room free: entries on their way down still hold their bytes until their move finished (the
+store's backpressure keeps that within the budget), and in backward the prefetch lead lands there while the
+tail is still resident.
+
+Which entries make up the tail: on the first forward (and any forward shaped unlike the last one), the end
+of the forward, oldest entries leaving first as the window fills (their backward runs last, so their reload
+has the most backward work to hide behind). Once a forward was measured, :func:`keep_plan` picks from its
+entry sizes: the end that prefetch cannot hide stays, then the smallest entries; the largest leave, straight
+from ``pack``.
 
 :class:`CompiledBackwardCheck` watches unpacks for the one case where no plan can hold the budget: a
 ``torch.compile`` graph's backward is a single autograd node that unpacks every tensor its forward saved
@@ -16,11 +21,12 @@ needs more than the whole device budget, offload cannot keep the budget there, a
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-__all__ = ["RESERVE_SHARE", "CompiledBackwardCheck", "resident_tail_bytes"]
+__all__ = ["RESERVE_SHARE", "CompiledBackwardCheck", "keep_plan", "resident_tail_bytes"]
 
 #: Share of the device tier's room kept free of the resident tail (moves in flight, then the prefetch lead).
 RESERVE_SHARE = 0.25
@@ -43,6 +49,43 @@ def resident_tail_bytes(room: int, lead_bytes: int, max_item_bytes: int, fixed: 
     reserve = max(int(room * RESERVE_SHARE), lead_bytes, 2 * max_item_bytes)
     tail = max(0, room - reserve)
     return tail if fixed is None else min(fixed, tail)
+
+
+def keep_plan(sizes: Sequence[int], tail_bytes: int, exposed_bytes: int) -> list[bool]:
+    """Which entries of a forward shaped like a measured one stay resident (``True``) within ``tail_bytes``.
+
+    Offload moves the largest entries whose reload backward can hide, and keeps the rest:
+
+    1. the *exposed end*: entries with fewer than ``exposed_bytes`` (the prefetch lead) of the forward after
+       them, and always the last one. Backward consumes them before prefetch can run far enough ahead, so a
+       reload of one would be waited for. They are kept newest first, each as far as it fits.
+    2. then the smallest of the others (among equal sizes the later ones, whose backward runs sooner), while
+       they fit. The entries left over are the largest: the fewest records, and no more bytes than the budget
+       needs moved (the room left unused is smaller than the smallest entry offloaded).
+
+    Args:
+        sizes: bytes of each entry, in forward order.
+        tail_bytes: the bytes that may stay resident (:func:`resident_tail_bytes`).
+        exposed_bytes: how far below the entry being unpacked prefetch runs.
+    """
+    keep = [False] * len(sizes)
+    room = tail_bytes
+    after = 0
+    others: list[int] = []
+    for i in range(len(sizes) - 1, -1, -1):
+        if after < exposed_bytes or i == len(sizes) - 1:
+            if sizes[i] <= room:
+                keep[i] = True
+                room -= sizes[i]
+        else:
+            others.append(i)
+        after += sizes[i]
+    for i in sorted(others, key=lambda j: (sizes[j], -j)):
+        if sizes[i] > room:
+            break
+        keep[i] = True
+        room -= sizes[i]
+    return keep
 
 
 class CompiledBackwardCheck:

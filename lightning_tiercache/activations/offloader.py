@@ -6,10 +6,12 @@ tensor back and starts fetching the entries the next backward regions need (see
 :mod:`lightning_tiercache.activations.prefetch_plan`). The store entry is freed when autograd drops the saved
 variable, so ``retain_graph=True``, double backward and an exception mid-forward need no special handling.
 
-Policy: parameters, leaves that need grad and views of either stay put (offloading them frees nothing);
-tensors under ``min_bytes`` stay put; tensors sharing a storage are stored once. Only what the device budget
-cannot hold is offloaded: the end of the forward that fits stays in the device tier (its backward runs
-first), the start leaves (see :mod:`lightning_tiercache.activations.budget`). Entries of
+Policy (:mod:`lightning_tiercache.activations.policy`): parameters, leaves that need grad and views of either
+stay put (offloading them frees nothing); tensors under ``min_bytes`` stay put; tensors sharing a storage are
+stored once. Only what the device budget cannot hold is offloaded. On a first forward the end that fits stays
+in the device tier (its backward runs first) and the oldest entries leave as it fills; on a forward shaped
+like the last one, the measured sizes plan it: the end prefetch cannot hide and the smallest entries stay,
+the largest leave straight from ``pack`` (see :mod:`lightning_tiercache.activations.budget`). Entries of
 ``torch.utils.checkpoint`` regions are the regions' inputs (autograd hands this offloader nothing else from
 inside them), so with checkpointing the inputs are what is offloaded.
 
@@ -41,7 +43,7 @@ from typing import Any
 
 import torch
 
-from lightning_tiercache.activations.budget import CompiledBackwardCheck, resident_tail_bytes
+from lightning_tiercache.activations.budget import CompiledBackwardCheck, keep_plan, resident_tail_bytes
 from lightning_tiercache.activations.idle import IdleGate
 from lightning_tiercache.activations.policy import OFFLOAD_TIERS, OffloadConfig, SavePolicy, of_params
 from lightning_tiercache.activations.prefetch_plan import (
@@ -138,6 +140,9 @@ class ActivationOffloader:
             self._tier = Tier.HOST  # spilling is off: the host tier is all there is below the device
         self.compiled_check = CompiledBackwardCheck()
         self._last_tail = 0
+        self._last_sizes: tuple[int, ...] = ()
+        self._keep_key: tuple[Any, ...] = ()
+        self._keep: list[bool] | None = None
         self._last_store: dict[str, Any] | None = None
         self._last_offloaded = 0
         self._h2d_bytes_per_s: float | None = None
@@ -181,6 +186,9 @@ class ActivationOffloader:
         )
         p.budget_bytes = self.store.budgets[Tier.DEVICE]
         self._last_tail = p.tail_bytes
+        if self._last_sizes:
+            p.plan_sizes = self._last_sizes
+            p.plan = self._keep_plan(p.tail_bytes)
         self._stack().append((hooks, p, shapes))
         return self
 
@@ -190,6 +198,7 @@ class ActivationOffloader:
         if exc[0] is None:
             # Nothing left the device tier: forwards of batches no larger fit the budget too.
             self.gate.observe(shapes, stored=p.offloaded_bytes > 0)
+            self._last_sizes = p.sizes()
         self._end_forward(p)
         if self._deferred:
             self._drain()
@@ -200,9 +209,16 @@ class ActivationOffloader:
             stack = self._local.stack = []
         return stack
 
+    def _keep_plan(self, tail: int) -> list[bool]:
+        """The keep plan for a forward like the last one, within ``tail`` (made again only when either changed)."""
+        key = (self._last_sizes, tail, self.planner.lead_bytes)
+        if self._keep is None or key != self._keep_key:
+            self._keep_key, self._keep = key, keep_plan(self._last_sizes, tail, self.planner.lead_bytes)
+        return self._keep
+
     def _end_forward(self, p: ForwardPass) -> None:
-        """What is still in the resident window is the tail: it stays in the device tier."""
-        kept = 0
+        """What is still in the resident window joins the planned keeps: it stays in the device tier."""
+        kept = p.planned_kept
         for ref, _ in p.window:
             slot = ref()
             if slot is not None and slot.tensor is not None:
@@ -270,7 +286,31 @@ class ActivationOffloader:
         if self.config.dedup:
             storage = tensor.untyped_storage()
             p.dedup[storage.data_ptr()] = (storage_ref(storage), weakref.ref(slot))
-        tail = p.tail_bytes
+        offloaded = self._place(p, slot, flat)
+        p.offloaded_bytes += offloaded
+        with self._lock:
+            self._counts["packed"] += 1
+            self._counts["packed_bytes"] += slot.nbytes
+            self._counts["bytes_offloaded"] += offloaded
+        return Saved(slot, tensor)
+
+    def _place(self, p: ForwardPass, slot: Slot, flat: torch.Tensor) -> int:
+        """Store a new entry: resident, offloaded, or in the resident window; returns the bytes sent down."""
+        plan = p.plan
+        if plan is not None:
+            seq = slot.seq
+            if seq < len(plan) and p.plan_sizes[seq] == slot.nbytes:
+                if plan[seq] and p.planned_kept + slot.nbytes <= p.tail_bytes:
+                    slot.handle = self.store.put(flat, evict_to=self._tier)
+                    slot.tensor = None
+                    slot.kept = True
+                    p.planned_kept += slot.nbytes
+                    return 0
+                slot.handle = self.store.put(flat, tier=self._tier)
+                slot.tensor = None
+                return slot.nbytes
+            p.plan = None  # this forward differs from the measured one: the window decides from here on
+        tail = p.tail_bytes - p.planned_kept
         if slot.nbytes > tail:  # cannot stay resident whatever comes after it
             slot.handle = self.store.put(flat, tier=self._tier)
             slot.tensor = None
@@ -280,12 +320,7 @@ class ActivationOffloader:
             p.window.append((weakref.ref(slot), slot.nbytes))
             p.window_bytes += slot.nbytes
             offloaded = self._shrink_window(p, tail)
-        p.offloaded_bytes += offloaded
-        with self._lock:
-            self._counts["packed"] += 1
-            self._counts["packed_bytes"] += slot.nbytes
-            self._counts["bytes_offloaded"] += offloaded
-        return Saved(slot, tensor)
+        return offloaded
 
     def _shrink_window(self, p: ForwardPass, tail: int) -> int:
         """Move the oldest window entries down until the window fits ``tail``; returns the bytes moved."""

@@ -60,6 +60,10 @@ class ForwardPass:
         tail_bytes, budget_bytes: the resident tail planned for this forward from the device tier's room, and
             that tier's budget when it started.
         offloaded_bytes: bytes this forward sent below the device tier.
+        plan, plan_sizes: per entry of a forward shaped like the last measured one (``plan_sizes``, in forward
+            order), whether it stays resident (see :func:`~lightning_tiercache.activations.budget.keep_plan`);
+            ``None`` before a measured forward and from the first entry that differs from it on.
+        planned_kept: bytes the plan kept resident so far.
     """
 
     order: list[weakref.ref[Any]] = dataclasses.field(default_factory=list)
@@ -79,10 +83,17 @@ class ForwardPass:
     tail_bytes: int = 0
     budget_bytes: int = 0
     offloaded_bytes: int = 0
+    plan: list[bool] | None = None
+    plan_sizes: tuple[int, ...] = ()
+    planned_kept: int = 0
 
     @property
     def total_bytes(self) -> int:
         return self.ends[-1] if self.ends else 0
+
+    def sizes(self) -> tuple[int, ...]:
+        """Bytes of each entry, in forward order."""
+        return tuple(b - a for a, b in zip((0, *self.ends), self.ends, strict=False))
 
     def add(self, slot: Any, nbytes: int) -> int:
         """Append an entry; returns its forward sequence number."""

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lightning_tiercache import ActivationOffloader, Tier, offload_activations
-from lightning_tiercache.activations.budget import resident_tail_bytes
+from lightning_tiercache.activations.budget import keep_plan, resident_tail_bytes
 from lightning_tiercache.bench.gpt import GPT, GPTConfig, SavedBytes
 from lightning_tiercache.store.codec import AutoCodec
 from tests.activation_models import BUDGETED
@@ -122,3 +122,68 @@ def test_checkpointed_blocks_offload_their_inputs_and_match_plain(make_store):
     for step_a, step_b in zip(ref, grads, strict=True):
         for a, b in zip(step_a, step_b, strict=True):
             assert torch.equal(a, b)
+
+
+def _record_placements(store, monkeypatch) -> list[list[list]]:
+    """Record where each entry ends up, per forward: ``[nbytes, offloaded, tensor]`` per entry, in forward order.
+
+    Append an empty list to the returned one before each forward."""
+    forwards: list[list[list]] = []
+    entries: dict[int, list] = {}
+    put = store.put
+
+    def recording(tensor, **kw):
+        entry = entries.get(id(tensor))  # the tensor is held by its entry, so its id is not reused
+        if entry is None:  # a first put: a new entry (a window move puts the same tensor again)
+            entry = entries[id(tensor)] = [tensor.nbytes, False, tensor]
+            forwards[-1].append(entry)
+        entry[1] = kw.get("tier") is not None  # sent down (a resident put names only where it may be evicted)
+        return put(tensor, **kw)
+
+    monkeypatch.setattr(store, "put", recording)
+    return forwards
+
+
+def test_a_measured_plan_offloads_the_largest_entries_and_moves_fewer_bytes(make_store, monkeypatch):
+    model = GPT(CFG)
+    plain = copy.deepcopy(model)
+    x, y = model.batch(BATCH)
+    with SavedBytes() as saved:
+        plain(x, y).loss.backward()
+    ref = [p.grad.clone() for p in plain.parameters()]
+    tail = saved.nbytes // 3  # a budget that holds a third of the forward: the rest must go
+    store = make_store(device_bytes=4 * saved.nbytes, host_bytes=0, disk_bytes="1GiB")
+    lead = LARGEST
+    off = ActivationOffloader(store, min_bytes=1024, module=model, keep_tail_bytes=tail, lead_bytes=lead)
+    forwards = _record_placements(store, monkeypatch)
+    steps = []
+    for _ in range(2):  # the first forward has no measurement (oldest leave first); the second is planned
+        forwards.append([])
+        before = off.stats()["bytes_offloaded"]
+        grads = _steps(model, x, y, off, steps=1)[0]
+        steps.append((forwards[-1], off.stats()["bytes_offloaded"] - before))
+        for a, b in zip(ref, grads, strict=True):
+            assert torch.equal(a, b)
+    (first, moved_first), (planned, moved_planned) = steps
+    assert [e[0] for e in first] == [e[0] for e in planned]  # the same forward twice
+    after = 0
+    hideable = []  # entries with a lead of forward after them: backward work hides their reload
+    for nbytes, offloaded, _ in reversed(planned):
+        if after >= lead:
+            hideable.append((nbytes, offloaded))
+        after += nbytes
+    kept = [n for n, o in hideable if not o]
+    sent = [n for n, o in hideable if o]
+    assert kept and sent and max(kept) <= min(sent)  # what left is the largest
+    assert sum(n for n, o, _ in planned if not o) <= tail
+    assert moved_planned == sum(n for n, o, _ in planned if o)
+    assert 0 < moved_planned < moved_first  # oldest-first moved more for the same tail
+    assert sum(o for _, o, _ in planned) < sum(o for _, o, _ in first)  # in fewer records
+
+
+def test_keep_plan_keeps_the_exposed_end_then_the_smallest_within_the_tail():
+    # forward order; the last entry has nothing after it, so prefetch cannot hide its reload
+    assert keep_plan([4, 1, 1, 4, 2], tail_bytes=5, exposed_bytes=2) == [False, True, True, False, True]
+    # an exposed entry that does not fit leaves; equal sizes: the later one (its backward runs sooner) stays
+    assert keep_plan([3, 3, 9], tail_bytes=3, exposed_bytes=1) == [False, True, False]
+    assert keep_plan([3, 3], tail_bytes=0, exposed_bytes=0) == [False, False]
