@@ -201,7 +201,8 @@ class CudaOps(DeviceOps):
 
     def memory(self) -> DeviceMemory | None:
         free, total = torch.cuda.mem_get_info(self.device)
-        cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        stats = torch.cuda.memory_stats(self.device)  # one read for both (each accessor reads them all)
+        cached = stats.get("reserved_bytes.all.current", 0) - stats.get("allocated_bytes.all.current", 0)
         return DeviceMemory(total=int(total), free=int(free), cached=max(0, int(cached)))
 
     def upload(self, src: torch.Tensor, dst: torch.Tensor) -> DeviceEvent | None:
