@@ -41,15 +41,15 @@ def base_parser(name: str, description: str) -> argparse.ArgumentParser:
     return p
 
 
-def timed(fn: Callable[[], Any]) -> float:
-    """Wall seconds of one call (CUDA synchronized on both ends when present)."""
+def timed(fn: Callable[[], Any], clock: Callable[[], float] = time.perf_counter) -> float:
+    """Seconds of one call on ``clock`` (wall by default; CUDA synchronized on both ends when present)."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start = clock()
     fn()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def alternate(variants: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from lightning_tiercache.bench.kv_workload import pad_rows
 from lightning_tiercache.kv.cache import KVConfig, TieredKVCache, cache_kwarg
 from lightning_tiercache.kv.prefix import block_keys, mask_positions
 from lightning_tiercache.kv.scoring import score_forward
@@ -29,16 +30,6 @@ def _rows(lengths: list[int], seed: int = 1) -> tuple[torch.Tensor, list[torch.T
     g = torch.Generator().manual_seed(seed)
     prefix = torch.randint(3, 128, (PREFIX,), generator=g)
     return prefix, [torch.cat([prefix, torch.randint(3, 128, (q,), generator=g)]) for q in lengths]
-
-
-def _pad(rows: list[torch.Tensor], side: str) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(r.numel() for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        cols = slice(width - r.numel(), width) if side == "left" else slice(0, r.numel())
-        ids[i, cols], mask[i, cols] = r, 1
-    return ids, mask
 
 
 def _gen(model, ids, mask, cache=None):
@@ -67,7 +58,7 @@ def test_padded_rows_hit_the_blocks_of_unpadded_rows_and_generate_like_dynamic_c
     _gen(model, one, torch.ones_like(one), first)  # an unpadded row stores the prefix's four blocks
     fresh = _fresh_prefix_kv(model, prefix)
     for side in ("left", "right"):
-        ids, mask = _pad(rows, side)
+        ids, mask = pad_rows(rows, side)
         unpadded = [block_keys(r[None], None, BLK, first.namespace)[0] for r in rows]
         assert block_keys(ids, mask, BLK, first.namespace) == unpadded
         cache = TieredKVCache(store, KVConfig(block_tokens=BLK), model=model)
@@ -99,7 +90,7 @@ def test_scoring_serves_the_shared_context_and_matches_the_uncached_forward(make
     store = make_store(device_bytes="64MiB", host_bytes="64MiB", disk_bytes=0)
     ctx = torch.randint(3, 128, (40,), generator=torch.Generator().manual_seed(2))  # five blocks
     for seed, side in [(3, "right"), (4, "left"), (5, "right")]:
-        ids, mask = _pad(_choices(ctx, seed), side)
+        ids, mask = pad_rows(_choices(ctx, seed), side)
         answer = int(mask.sum(1).min()) - 1 if side == "right" else None  # logits needed from here on
         cache = TieredKVCache(store, KVConfig(block_tokens=BLK), model=model)
         scored = score_forward(model, ids, mask, cache=cache, logits_from=answer)
@@ -121,7 +112,7 @@ def test_plain_forward_over_left_padding_without_positions_stores_nothing(make_s
     model = _model("llama")
     store = make_store(device_bytes="64MiB", host_bytes="64MiB", disk_bytes=0)
     _, rows = _rows([5, 9, 3])
-    ids, mask = _pad(rows, "left")
+    ids, mask = pad_rows(rows, "left")
     cache = TieredKVCache(store, KVConfig(block_tokens=BLK), model=model)
     assert cache.load_prefix(ids[:1], mask[:1]) == 0
     with torch.no_grad():
