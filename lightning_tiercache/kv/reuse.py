@@ -163,8 +163,9 @@ class PrefixBlocks:
     ) -> tuple[int, list[dict[tuple[int, int], torch.Tensor]]]:
         """Read the blocks that serving needs, layer by layer (prefetching the next layer's).
 
-        Returns the columns that can be served and, per layer, ``{(row, block): K/V [2, H, blk, D]}``. See
-        Note: [evicted between lookup and get].
+        Returns the columns that can be served and, per layer, ``{(row, block): K/V [2, H, blk, D]}``. A block
+        that several rows share (the same entry) is read and decoded once per layer. See Note: [evicted
+        between lookup and get].
         """
         blk = self.block_tokens
         hit = [len(run) for run in runs]
@@ -173,18 +174,23 @@ class PrefixBlocks:
         waits = self.store.stats()["waits"]
         for layer in range(layers):
             if layer + 1 < layers:
-                self.store.prefetch([blk_h[layer + 1] for run in runs for blk_h in run])
+                self.store.prefetch(list(dict.fromkeys(blk_h[layer + 1] for run in runs for blk_h in run)))
             parts: dict[tuple[int, int], torch.Tensor] = {}
+            read: dict[Handle, torch.Tensor] = {}
             for r, row in enumerate(rows):
                 for j in range(_blocks_under(row.start, n, blk)):
-                    try:
-                        parts[(r, j)] = self._decode(self.store.get(runs[r][j][layer]))
-                    except (EntryNotFoundError, SpillError):
-                        self.counts["evicted_hits"] += 1
-                        hit[r] = j
-                        runs[r] = runs[r][:j]
-                        n = self.columns(rows, hit, limit)
-                        break
+                    h = runs[r][j][layer]
+                    block = read.get(h)
+                    if block is None:
+                        try:
+                            block = read[h] = self._decode(self.store.get(h))
+                        except (EntryNotFoundError, SpillError):
+                            self.counts["evicted_hits"] += 1
+                            hit[r] = j
+                            runs[r] = runs[r][:j]
+                            n = self.columns(rows, hit, limit)
+                            break
+                    parts[(r, j)] = block
             got.append(parts)
         self.counts["prefetch_waits"] += self.store.stats()["waits"] - waits
         return n, got
@@ -193,19 +199,31 @@ class PrefixBlocks:
         self, rows: list[RowBlocks], parts: dict[tuple[int, int], torch.Tensor], n: int, capacity: int
     ) -> torch.Tensor:
         """One layer's served K/V, ``[2, B, H, capacity, D]`` (columns ``n..`` left empty): zeros in padding
-        columns, the stored blocks' K/V in real ones."""
+        columns, the stored blocks' K/V in real ones.
+
+        Note: [one copy per row]
+            A row's served columns are its blocks in order, so each row gets one copy of a run of blocks
+            rather than one copy per block. Rows with the same key at their last served block have the same
+            tokens up to it (keys chain), so the run is concatenated once and every such row copies (a slice
+            of) it: with a shared few-shot prefix, one ``cat`` and one copy per row per layer.
+        """
         blk = self.block_tokens
         sample = next(iter(parts.values()))
         _, heads, _, dim = sample.shape
         out = sample.new_empty((2, len(rows), heads, capacity, dim))
-        for r, row in enumerate(rows):  # only padding needs zeros: blocks cover the rest of columns < n
-            out[:, r, :, : min(row.start, n)].zero_()
-        for (r, j), block in parts.items():
-            lo = rows[r].start + j * blk
-            if lo >= n:
+        runs: dict[str, torch.Tensor] = {}  # block key -> a run of blocks through that block, [2, H, >= len, D]
+        for r, row in enumerate(rows):
+            out[:, r, :, : min(row.start, n)].zero_()  # only padding needs zeros: the run covers the rest
+            count = _blocks_under(row.start, n, blk)
+            if not count:
                 continue
-            width = min(blk, n - lo)
-            out[:, r, :, lo : lo + width].copy_(block[:, :, :width])
+            run = runs.get(row.keys[count - 1])
+            if run is None:
+                blocks = [parts[(r, j)] for j in range(count)]
+                run = blocks[0] if count == 1 else torch.cat(blocks, dim=-2)
+                for key in row.keys[:count]:
+                    runs.setdefault(key, run)
+            out[:, r, :, row.start : n].copy_(run[:, :, : n - row.start])
         return out
 
     def _decode(self, t: torch.Tensor) -> torch.Tensor:
@@ -214,13 +232,7 @@ class PrefixBlocks:
     # ------------------------------------------------------------------ storing
 
     def check_positions(self, plan: ServePlan, position_ids: Any) -> bool:
-        """Whether a forward's ``position_ids`` are the mask's (Note: [persist without a sync]
-            With ``persist_dir``, each stored block is written by a background thread. The forward's thread only
-            queues the block's copy to pinned host memory (CUDA) and an event after it; the writer waits for the
-            event. On the host the block itself is written: it is a fresh tensor nothing changes in place, so no
-            copy is made.
-
-        Note: [positions of stored blocks])."""
+        """Whether a forward's ``position_ids`` are the mask's (Note: [positions of stored blocks])."""
         if plan.mask is None or not isinstance(position_ids, torch.Tensor):
             return True
         mask = plan.mask.to(position_ids.device)[:, plan.columns :]

@@ -62,9 +62,12 @@ def test_padded_rows_hit_the_blocks_of_unpadded_rows_and_generate_like_dynamic_c
         unpadded = [block_keys(r[None], None, BLK, first.namespace)[0] for r in rows]
         assert block_keys(ids, mask, BLK, first.namespace) == unpadded
         cache = TieredKVCache(store, KVConfig(block_tokens=BLK), model=model)
+        gets = store.stats()["gets"]
         served = cache.load_prefix(ids, mask)
         starts = [int(m.nonzero()[0, 0]) for m in mask]
         assert served == min(s + PREFIX for s in starts)
+        # The rows share the prefix's four blocks: each is read once per layer, not once per row.
+        assert store.stats()["gets"] - gets == PREFIX // BLK * len(cache.layers)
         assert cache.stats()["hits"] == sum(min(PREFIX, served - s) // BLK for s in starts)  # whole blocks served
         for i, layer in enumerate(cache.layers):
             for r, s in enumerate(starts):
