@@ -4,6 +4,8 @@ unchanged weights, and nothing stale after a training step."""
 from __future__ import annotations
 
 import gc
+import re
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -12,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_tiercache import TierCacheCallback
+from lightning_tiercache.bench.kv_workload import pad_rows
 from lightning_tiercache.kv.prefix import mask_positions
 from tests.kv_models import tiny_model
 
@@ -85,3 +88,37 @@ def test_second_validate_hits_and_nothing_stale_after_a_training_step(tmp_path, 
     del cb
     gc.collect()
     assert list(spill_parent.iterdir()) == []  # the kept store is closed with its callback
+
+
+def _doc_example() -> str:
+    """The multiple-choice ``validation_step`` example of docs/kv.md, as written."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "kv.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    return next(b for b in blocks if "class ChoiceScorer" in b)
+
+
+def test_the_documented_choice_scorer_runs_and_is_served_the_context(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = tiny_model("llama")
+    g = torch.Generator().manual_seed(3)
+    context_tokens = 130  # two whole blocks of the callback's default 64 tokens before the first logits needed
+    context = torch.randint(3, 128, (context_tokens,), generator=g)
+    questions = []
+    for label in (2, 0, 3):
+        question = torch.randint(3, 128, (5,), generator=g)
+        rows = [torch.cat([context, question, torch.randint(3, 128, (k,), generator=g)]) for k in (2, 1, 3, 2)]
+        ids, mask = pad_rows(rows, "right")
+        questions.append({"input_ids": ids, "attention_mask": mask, "label": torch.tensor(label)})
+    namespace: dict[str, Any] = {"model": model, "context_tokens": context_tokens, "questions": questions}
+    exec(compile(_doc_example(), "docs/kv.md", "exec"), namespace)
+    expected = []
+    with torch.no_grad():
+        for q in questions:  # the same choice from the uncached forward
+            ids, mask = q["input_ids"], q["attention_mask"]
+            logp = model(ids, attention_mask=mask).logits[:, context_tokens - 1 : -1].log_softmax(-1)
+            picked = logp.gather(-1, ids[:, context_tokens:, None])[..., 0] * mask[:, context_tokens:]
+            expected.append(int(picked.sum(-1).argmax()))
+    scorer = namespace["trainer"].lightning_module
+    assert scorer.picks == expected
+    kv = TierCacheCallback.get(namespace["trainer"]).stats()["kv"]
+    assert kv["hits"] == 3 * 4 * 2  # every choice of every question was served the context's two blocks
