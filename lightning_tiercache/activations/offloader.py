@@ -35,10 +35,10 @@ import collections
 import contextlib
 import logging
 import threading
-import time
 import typing
 import weakref
 from collections.abc import Iterator
+from time import perf_counter
 from typing import Any
 
 import torch
@@ -364,9 +364,9 @@ class ActivationOffloader:
             p.cursor = None
         ops = self.store.device_ops
         before = ops.stamp()  # Note: [device-timed plan]
-        start = time.perf_counter()
+        start = perf_counter()
         stored = self.store.get(slot.handle)
-        now = time.perf_counter()
+        now = perf_counter()
         wait = now - start
         if before is not None:
             p.stamps.append((before, ops.stamp()))

@@ -17,9 +17,9 @@ from __future__ import annotations
 import struct
 import sys
 import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from time import perf_counter
 from typing import Any
 
 import torch
@@ -301,9 +301,9 @@ class AutoCodec:
             return
         sample = sample.contiguous()
         for codec in self.candidates(tensor.dtype)[1:]:
-            start = time.perf_counter()
+            start = perf_counter()
             parts, _ = encode(sample, codec, self.level)
-            seconds = time.perf_counter() - start
+            seconds = perf_counter() - start
             ratio = sum(p.nbytes for p in parts) / nbytes
             with self._lock:
                 cost = self._cost.setdefault((tensor.dtype, codec), [0.0, 1.0, 0])

@@ -32,6 +32,7 @@ import time
 import typing
 from collections.abc import Callable
 from pathlib import Path
+from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -113,9 +114,9 @@ class Jobs:
             pending = list(self._inflight)
         if not pending:
             return None
-        start = time.perf_counter()
+        start = perf_counter()
         cf.wait(pending, return_when=cf.FIRST_COMPLETED)
-        return time.perf_counter() - start
+        return perf_counter() - start
 
     def shutdown(self) -> None:
         self.io.shutdown(wait=True, cancel_futures=True)
@@ -314,14 +315,14 @@ class Spill(_Mover):
         try:
             with self.lock:
                 path = self._ensure_dir().file(e.id)
-            start = time.perf_counter()
+            start = perf_counter()
             if self._codec == "auto":
                 codec, parts, aux = self._auto.encode(host)
             else:
                 codec, parts, aux = encode_with(self._codec, host, self._level)
-            encoded = time.perf_counter()
+            encoded = perf_counter()
             written = write_parts(path, codec, host, parts, aux)
-            seconds = time.perf_counter() - start
+            seconds = perf_counter() - start
             self._auto.observe_disk(written, seconds - (encoded - start))
         except OSError as err:
             with self.lock:
@@ -351,7 +352,7 @@ class Spill(_Mover):
             raise
 
     def _read(self, e: Entry, dst: Tier) -> None:
-        start = time.perf_counter()
+        start = perf_counter()
         try:
             host = read_record(self._file(e.id))
         except SpillError as err:
@@ -359,7 +360,7 @@ class Spill(_Mover):
                 self.failed(e, Tier.DISK, dst)
                 self._spill_lost(e, dst, err)
             raise
-        seconds = time.perf_counter() - start
+        seconds = perf_counter() - start
         event: DeviceEvent | None = None
         buf = None
         if dst is Tier.DEVICE and self.ops.moves_bytes:
@@ -382,7 +383,7 @@ class Spill(_Mover):
         Raises:
             SpillError: the record is missing or corrupt (the entry is removed).
         """
-        start = time.perf_counter()
+        start = perf_counter()
         try:
             data = read_record(self._file(e.id))
         except SpillError as err:
@@ -393,7 +394,7 @@ class Spill(_Mover):
             self.counts["gets"] += 1
             self.counts["reads"] += 1
             self.counts["read_bytes"] += e.nbytes
-            self._busy_s["read"] += time.perf_counter() - start
+            self._busy_s["read"] += perf_counter() - start
         return data
 
 

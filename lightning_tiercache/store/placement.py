@@ -26,6 +26,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from time import perf_counter
 from typing import Any
 
 import torch
@@ -352,9 +353,9 @@ class TierStore:
                     if e.top is Tier.DEVICE and self._ops.moves_bytes:  # not in any pool
                         data, event = self._up.copy_in(data)
                     break
-                start = time.perf_counter()
+                start = perf_counter()
                 cf.wait([fut])
-                waited += time.perf_counter() - start
+                waited += perf_counter() - start
                 err = fut.exception()
                 if err is not None:
                     raise err

@@ -239,3 +239,19 @@ def test_the_wrapped_strategy_methods_read_as_lightnings_own(tmp_path: Path, spi
         trainer.fit(Net())
     assert seen == {"backwards": 5, "bound_to": trainer.strategy, "name": "validation_step"}
     assert "backward" not in vars(trainer.strategy)  # put back at teardown
+
+
+def test_the_library_never_reads_time_perf_counter(tmp_path: Path, spill_parent: Path) -> None:
+    # Note: [own clock]: user code (or a test) that patches time.perf_counter sees only its own and Lightning's calls.
+    import time
+
+    def calls(callbacks: list[Any]) -> int:
+        with mock.patch("time.perf_counter", wraps=time.perf_counter) as clock:
+            _trainer(tmp_path, callbacks, max_steps=6, log_every_n_steps=1).fit(_Logged())
+        return clock.call_count
+
+    plain = calls([])
+    offloading = _callback(spill_parent, device_bytes=1024, disk_bytes=0, min_offload_bytes=256)
+    assert calls([_callback(spill_parent)]) == plain
+    assert calls([offloading]) == plain
+    assert offloading.stats()["store"]["puts"] > 0  # the store, its moves and telemetry ran
