@@ -380,7 +380,7 @@ class ActivationOffloader:
                 self.store.prefetch(handles)
                 with self._lock:
                     self._counts["prefetches"] += len(handles)
-        p.record(now, slot.seq, 0 if slot.unpacked else slot.nbytes, wait)
+        p.record(now, slot.seq, 0 if slot.unpacked else slot.nbytes, wait, id(torch._C._current_autograd_node()))
         if not slot.unpacked and p.offloaded_bytes and self.compiled_check.observe(slot.nbytes, p.budget_bytes):
             with self._lock:
                 self._counts["compiled_backward_warnings"] += 1

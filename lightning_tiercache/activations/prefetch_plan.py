@@ -9,9 +9,10 @@ order, so while the backward of one region runs, the entries just below it in fo
 * ``lead_bytes``: how far below the entry being unpacked prefetch runs. To hide a reload, its copy must finish
   within the backward compute that runs before the entry is needed. With ``r`` the fastest measured backward
   rate of a region (saved bytes consumed per second of compute, waits excluded), ``load`` the measured seconds
-  per byte of a reload and ``m`` the largest entry, the lead must cover ``r * (m * load + latency)`` bytes;
-  the planner keeps twice that, at least one entry, at most ``max_lead_bytes``. When a step still waited, a
-  boost factor grows the lead; it decays when steps stop waiting.
+  per byte of a reload and ``m`` the largest entry (or, when more, the most bytes one autograd node
+  unpacked: a compiled region's node asks for all of its entries before computing), the lead must cover
+  ``r * (m * load + latency)`` bytes; the planner keeps twice that, at least ``m``, at most ``max_lead_bytes``.
+  When a step still waited, a boost factor grows the lead; it decays when steps stop waiting.
 
 How much of the end of the forward stays resident is the device budget's call
 (:mod:`lightning_tiercache.activations.budget`); the planner keeps the largest entry it measured, which that
@@ -64,6 +65,9 @@ class ForwardPass:
             order), whether it stays resident (see :func:`~lightning_tiercache.activations.budget.keep_plan`);
             ``None`` before a measured forward and from the first entry that differs from it on.
         planned_kept: bytes the plan kept resident so far.
+        node, group_bytes, max_group_bytes: in backward, the autograd node that unpacked last (its ``id``), the
+            bytes it unpacked, and the most one node unpacked: a compiled region's node needs all of its
+            region's entries before it computes anything.
     """
 
     order: list[weakref.ref[Any]] = dataclasses.field(default_factory=list)
@@ -84,6 +88,9 @@ class ForwardPass:
     budget_bytes: int = 0
     offloaded_bytes: int = 0
     plan: list[bool] | None = None
+    node: int = 0
+    group_bytes: int = 0
+    max_group_bytes: int = 0
     plan_sizes: tuple[int, ...] = ()
     planned_kept: int = 0
 
@@ -107,11 +114,22 @@ class ForwardPass:
 
         An entry is due when it ends within ``lead_bytes`` below the start of ``seq``; the entry just below
         ``seq`` is always due. Each entry is returned once per backward (the cursor only walks down).
+
+        Note: [nodes that unpack upwards]
+            A ``torch.compile`` graph's backward is one autograd node that unpacks everything its forward
+            saved, in forward order, before computing: its first unpack is the lowest entry of its region. The
+            entries above it that the walk had not reached yet are what that node unpacks next, so they are
+            due first, in the order it asks for them.
         """
+        out: list[Any] = []
+        if self.cursor is not None and self.cursor > seq:
+            for k in range(seq + 1, self.cursor + 1):
+                slot = self.order[k]()
+                if slot is not None:
+                    out.append(slot)
         start = self.ends[seq - 1] if seq > 0 else 0
         floor = start - lead_bytes
         j = seq - 1 if self.cursor is None else min(self.cursor, seq - 1)
-        out: list[Any] = []
         while j >= 0 and (self.ends[j] >= floor or j == seq - 1):
             slot = self.order[j]()
             if slot is not None:
@@ -120,8 +138,13 @@ class ForwardPass:
         self.cursor = j
         return out
 
-    def record(self, time_s: float, seq: int, nbytes: int, wait_s: float) -> None:
+    def record(self, time_s: float, seq: int, nbytes: int, wait_s: float, node: int = 0) -> None:
+        """One unpack: ``nbytes`` is 0 for an entry unpacked before; ``node`` names the unpacking autograd node."""
         self.events.append((time_s, seq, nbytes, wait_s))
+        if node != self.node:
+            self.node, self.group_bytes = node, 0
+        self.group_bytes += nbytes
+        self.max_group_bytes = max(self.max_group_bytes, self.group_bytes)
 
     def device_timed(self, seconds_between: Any) -> bool:
         """Replace the host times of ``events`` by device times from ``stamps``; ``False`` if not all completed.
@@ -157,6 +180,7 @@ class Measurement:
     wait_s: float
     waits: int
     load_s_per_byte: float
+    max_group_bytes: int = 0
 
 
 def measure_pass(p: ForwardPass, load_s_per_byte: float, wait_threshold_s: float) -> Measurement | None:
@@ -184,7 +208,9 @@ def measure_pass(p: ForwardPass, load_s_per_byte: float, wait_threshold_s: float
     rates = [b / s for b, s in zip(region_bytes, region_s, strict=True) if b and s > 1e-5]
     peak = max(rates) if rates else 0.0
     backward_s = p.events[-1][0] - p.events[0][0]
-    return Measurement(total, p.max_item_bytes, len(p.order), peak, backward_s, wait_s, waits, load_s_per_byte)
+    return Measurement(
+        total, p.max_item_bytes, len(p.order), peak, backward_s, wait_s, waits, load_s_per_byte, p.max_group_bytes
+    )
 
 
 class PrefetchPlanner:
@@ -229,10 +255,12 @@ class PrefetchPlanner:
         """Plan the next steps from a measured one."""
         waited = m.waits > 0 and m.wait_s > _WAIT_SHARE * max(m.backward_s, 1e-9)
         self.boost = min(_MAX_BOOST, self.boost * 1.5) if waited else max(1.0, self.boost * 0.9)
-        need_s = m.max_item_bytes * m.load_s_per_byte + (_LATENCY_S if m.load_s_per_byte > 0 else 0.0)
+        # What one autograd node needs at once: an entry, or a compiled region's all (see ForwardPass.record).
+        unit = max(m.max_item_bytes, m.max_group_bytes)
+        need_s = unit * m.load_s_per_byte + (_LATENCY_S if m.load_s_per_byte > 0 else 0.0)
         model = _SAFETY * m.peak_rate_bps * need_s * self.boost
         cap = self.max_lead_bytes if self.max_lead_bytes is not None else m.total_bytes // 5
-        lead = int(min(max(model, m.max_item_bytes), max(cap, m.max_item_bytes)))
+        lead = int(min(max(model, unit), max(cap, unit)))
         old = self.planned_lead
         self.planned_lead = lead if old is None else int(0.5 * old + 0.5 * lead)
         self.peak_rate_bps = (

@@ -284,7 +284,7 @@ def test_whole_model_compile_warns_once_that_its_backward_needs_more_than_the_bu
     torch._dynamo.reset()
 
 
-def test_per_block_compile_saves_memory_without_a_warning(make_store):
+def test_per_block_compile_saves_memory_without_a_warning_and_prefetches_what_a_block_unpacks(make_store):
     torch._dynamo.reset()
     cfg = dataclasses_replace(TINY, n_layer=4)
     plain = GPT(cfg)
@@ -295,13 +295,18 @@ def test_per_block_compile_saves_memory_without_a_warning(make_store):
     for m in (plain, model):
         for block in m.blocks:
             block.compile(backend="aot_eager")
-    ref = _compiled_steps(plain, x, y, contextlib.nullcontext)
+    ref = _compiled_steps(plain, x, y, contextlib.nullcontext, steps=3)
     budget = saved.nbytes // 3
     store = make_store(device_bytes=budget, host_bytes=0, disk_bytes="1GiB")
     off = ActivationOffloader(store, min_bytes=1024, module=model)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         grads = _compiled_steps(model, x, y, lambda: offload_activations(off))
+        measured = off.stats()
+        grads += _compiled_steps(model, x, y, lambda: offload_activations(off), steps=1)
+    # A compiled block's backward unpacks its entries lowest first, all before computing: on a planned step
+    # every offloaded one it asks for was fetched ahead (Note: [nodes that unpack upwards]).
+    assert off.stats()["unpack_misses"] == measured["unpack_misses"]
     assert not [w for w in caught if "torch.compile graph" in str(w.message)]
     assert off.stats()["bytes_offloaded"] > 0 and off.stats()["compiled_backward_warnings"] == 0
     largest = 4 * cfg.seq_len * cfg.mlp_ratio * cfg.d_model * 4
@@ -365,6 +370,20 @@ def test_prefetch_walks_down_in_backward_order_within_the_lead():
     del slots[0]
     gc.collect()
     assert p.due(1, 1000) == []  # dead entries are skipped
+
+
+def test_a_jump_down_makes_the_entries_it_skipped_due_first_in_forward_order():
+    class S:
+        pass
+
+    p = ForwardPass()
+    slots = [S() for _ in range(8)]
+    for s in slots:
+        p.add(s, 100)
+    assert p.due(7, 0) == [slots[6]]
+    # a compiled region's node unpacks 3 first, then 4 and 5: those are due before the walk goes on below 3
+    assert p.due(3, 0) == [slots[4], slots[5], slots[2]]
+    assert p.due(4, 0) == []  # every entry above the cursor was issued once
 
 
 def test_planner_lead_grows_with_rate_and_load_time_and_is_capped():
