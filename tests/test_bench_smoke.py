@@ -1,4 +1,4 @@
-"""Smoke tests of ``python -m lightning_tiercache.bench limits``, ``... store`` and ``... overhead`` at a tiny size.
+"""Smoke tests of ``python -m lightning_tiercache.bench limits``, ``store``, ``overhead`` and ``activations``, tiny.
 
 They prove the benchmarks run end to end and emit well-formed JSON; they make no speed claims.
 """
@@ -177,3 +177,23 @@ def test_bench_help_describes_every_benchmark_and_an_unknown_one_is_an_invalid_c
     assert bench_main(["bogus"]) == 2
     err = capsys.readouterr().err
     assert "invalid choice: 'bogus' (choose from limits," in err
+
+
+@pytest.mark.slow  # one fresh process per variant for its memory, and two compilations of the blocks
+def test_activations_runs_every_cpu_variant_and_reports_a_ratio_and_rss_figures(capsys):
+    from lightning_tiercache.bench import activations
+
+    torch._dynamo.reset()
+    argv = ["--json", "--model", "tiny", "--repeats", "1", "--min-bytes", "1KiB", "--budget-share", "0.6"]
+    out = _run(capsys, activations, argv)
+    torch._dynamo.reset()
+    rows = {r["variant"]: r for r in out["rows"]}
+    assert list(rows) == ["none", "checkpoint", "ours_disk", "ours_disk_ckpt", "ours_compile"]
+    assert out["model"]["n_layer"] == 2 and out["ours_device_budget_mib"] > 0
+    for name, row in rows.items():
+        assert row["note"] is None, (name, row["note"])  # a failed memory child, or a tiercache warning
+        assert _positive(row["step_x"]) and _positive(row["peak_rss_mib"]), row
+        assert isinstance(row["rss_growth_mib"], int) and _positive(row["resident_mib"]), row
+        if name.startswith("ours"):
+            assert row["moved_mib_step"] is not None and row["wait_ms_step"] is not None, row
+    assert rows["ours_disk"]["moved_mib_step"] > 0  # the budget is a share of the saved bytes: some must move

@@ -38,6 +38,7 @@ __all__ = ["main"]
 SIZES = {
     "default": {"vocab_size": 1024, "seq_len": 256, "n_layer": 4, "n_head": 6, "d_model": 384, "batch": 4},
     "gpt6": {"vocab_size": 1024, "seq_len": 512, "n_layer": 6, "n_head": 8, "d_model": 512, "batch": 4},
+    "tiny": {"vocab_size": 128, "seq_len": 64, "n_layer": 2, "n_head": 2, "d_model": 64, "batch": 2},
     "full": {"vocab_size": 8192, "seq_len": 2048, "n_layer": 12, "n_head": 16, "d_model": 1024, "batch": 8},
 }
 MiB = 1 << 20
@@ -56,8 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", default=None, help="comma-separated subset of variants")
     p.add_argument("--seq-len", type=int, default=None, help="sequence length (longer: more compute per saved byte)")
     p.add_argument(
-        "--model", choices=("default", "gpt6"), default="default",
-        help="default: 4 blocks, d=384, batch 4x256; gpt6: 6 blocks, d=512, batch 4x512 (about 2 s a step on 2 cores)",
+        "--model", choices=("default", "gpt6", "tiny"), default="default",
+        help="default: 4 blocks, d=384, batch 4x256; gpt6: 6 blocks, d=512, batch 4x512 (about 2 s a step on 2 cores); "
+        "tiny: 2 blocks, d=64, batch 2x64 (a smoke test: with --min-bytes 1KiB, every variant in seconds)",
     )  # fmt: skip
     p.add_argument(
         "--budget-share", type=float, default=0.3,
