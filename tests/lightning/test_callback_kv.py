@@ -122,3 +122,16 @@ def test_the_documented_choice_scorer_runs_and_is_served_the_context(tmp_path, m
     assert scorer.picks == expected
     kv = TierCacheCallback.get(namespace["trainer"]).stats()["kv"]
     assert kv["hits"] == 3 * 4 * 2  # every choice of every question was served the context's two blocks
+
+
+def test_a_copy_leaves_out_the_store_kept_between_eval_stages(tmp_path, spill_parent):
+    # Lightning's ddp_spawn pickles the Trainer's callbacks; the store kept for the next validate stays here.
+    import pickle
+
+    module = Scorer()
+    cb = TierCacheCallback(kv_block_tokens=BLK, spill_dir=str(spill_parent), oom_recovery=False)
+    _trainer(cb, tmp_path).validate(module, DataLoader(_rows(2), batch_size=2))
+    assert cb.runtime._kept is not None  # the prefix blocks wait for the next eval stage
+    copied = pickle.loads(pickle.dumps(cb))
+    assert copied.runtime._kept is None and copied.store is None
+    _trainer(copied, tmp_path).validate(module, DataLoader(_rows(2), batch_size=2))  # a working callback
