@@ -11,11 +11,11 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger, Logger
-from lightning.pytorch.utilities import rank_zero_only
 
 from lightning_tiercache import TierCacheCallback
 from lightning_tiercache.lightning.summary import RunSummary, format_count
 from lightning_tiercache.lightning.testing import OOMInjector
+from tests.recording_logger import Recorder
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "callback.md"
 TIERS = ("device", "host", "disk")
@@ -42,30 +42,6 @@ class Wide(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.01)
-
-
-class Recorder(Logger):
-    """Every ``log_metrics`` call, as a logger sees it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[tuple[int | None, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "recorder"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    @rank_zero_only
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.calls.append((step, dict(metrics)))
-
-    @rank_zero_only
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
 
 
 def callback(spill: Path, **kw: Any) -> TierCacheCallback:

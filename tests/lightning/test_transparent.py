@@ -13,7 +13,6 @@ from unittest import mock
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import BatchSizeFinder, StochasticWeightAveraging
-from lightning.pytorch.loggers import Logger
 from lightning.pytorch.strategies import Strategy
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -21,6 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_tiercache import TierCacheCallback
 from lightning_tiercache.lightning.testing import OOMInjector
+from tests.recording_logger import Recorder
 
 
 def _callback(spill: Path, **kw: Any) -> TierCacheCallback:
@@ -160,28 +160,6 @@ def test_the_callback_copies_and_pickles_during_fit(tmp_path: Path, spill_parent
     _trainer(tmp_path, [copied], max_steps=2).fit(Net())
 
 
-class _Recorder(Logger):
-    """Every ``log_metrics`` call, as a logger sees it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[tuple[int | None, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "recorder"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.calls.append((step, dict(metrics)))
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
-
-
 class _Logged(Net):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss = super().training_step(batch, batch_idx)
@@ -199,8 +177,8 @@ def test_a_run_the_library_does_nothing_for_logs_exactly_what_it_logs_without_it
     tmp_path: Path, spill_parent: Path
 ) -> None:
     # Note: [pay for telemetry]: no store traffic, no OOM, no KV: no tiercache row, the bar untouched.
-    def fit(callbacks: list[Any]) -> tuple[_Recorder, list[dict[str, Any]], bool]:
-        recorder, bars, patched = _Recorder(), [], []
+    def fit(callbacks: list[Any]) -> tuple[Recorder, list[dict[str, Any]], bool]:
+        recorder, bars, patched = Recorder(), [], []
 
         class Peek(L.Callback):
             def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
