@@ -355,14 +355,21 @@ def test_plan_is_measured_then_kept_in_state_dict(make_store):
         fresh.load_state_dict({**state, "planned_lead": -5})
 
 
-def test_prefetch_walks_down_in_backward_order_within_the_lead():
-    class S:
-        pass
+class _Slot:
+    pass
 
+
+def _pass_of_eight() -> tuple[ForwardPass, list[_Slot]]:
+    """A forward pass of eight 100-byte entries (the slots must stay referenced: the pass holds weak refs)."""
     p = ForwardPass()
-    slots = [S() for _ in range(8)]
+    slots = [_Slot() for _ in range(8)]
     for s in slots:
         p.add(s, 100)
+    return p, slots
+
+
+def test_prefetch_walks_down_in_backward_order_within_the_lead():
+    p, slots = _pass_of_eight()
     assert p.due(7, 250) == [slots[6], slots[5], slots[4]]  # ends 700, 600, 500 >= 700 - 250
     assert p.due(6, 250) == [slots[3]]  # 4 and above were already issued; 3 ends at 400 >= 600 - 250
     assert p.due(5, 250) == [slots[2]]
@@ -373,13 +380,7 @@ def test_prefetch_walks_down_in_backward_order_within_the_lead():
 
 
 def test_a_jump_down_makes_the_entries_it_skipped_due_first_in_forward_order():
-    class S:
-        pass
-
-    p = ForwardPass()
-    slots = [S() for _ in range(8)]
-    for s in slots:
-        p.add(s, 100)
+    p, slots = _pass_of_eight()
     assert p.due(7, 0) == [slots[6]]
     # a compiled region's node unpacks 3 first, then 4 and 5: those are due before the walk goes on below 3
     assert p.due(3, 0) == [slots[4], slots[5], slots[2]]
