@@ -5,7 +5,9 @@ fail is Lightning's own (Note: [fast path]): forward here, then Lightning's clos
 ``backward`` (or none, when the loop skips backward, as SWA's BatchNorm epoch does), DDP's reducer with its
 bucketed overlap and any communication hook. What the hook adds is a snapshot of what the step may log or
 update (:mod:`lightning_tiercache.lightning.step_state`) and, under DDP on steps that synchronize gradients,
-one three-integer all-reduce after backward (:func:`lightning_tiercache.oom.ddp.step_failed`).
+a three-integer OOM flag that every rank reads after backward: carried with DDP's last gradient bucket when the
+library can be DDP's communication hook, else one all-reduce of its own after backward (Note: [carried flag] in
+:mod:`lightning_tiercache.oom.ddp`).
 
 When forward or backward raises an OOM, the failed attempt is dropped and rolled back, and the step runs again
 as micro-batches (:mod:`lightning_tiercache.lightning.split_step`, :class:`~lightning_tiercache.oom.MicroBatchRunner`),
@@ -35,7 +37,16 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lightning_tiercache.lightning.split_step import PendingGrads, Step, combine_outputs, micro_step_of
 from lightning_tiercache.lightning.step_state import StepState, set_log_batch
-from lightning_tiercache.oom.ddp import GradMarks, ddp_params, finish_backward, flag_group, step_failed, zero_forward
+from lightning_tiercache.oom.ddp import (
+    CarriedFlag,
+    GradMarks,
+    can_carry_flag,
+    ddp_params,
+    finish_backward,
+    flag_group,
+    step_failed,
+    zero_forward,
+)
 from lightning_tiercache.oom.microbatch import Failure, MicroBatchRunner, StepResult, attempt, oom_message
 from lightning_tiercache.oom.recovery import LocalAgreement, MicroBatchPolicy, OOMConfig, RankAgreement, now
 from lightning_tiercache.oom.split import batch_size_of
@@ -64,6 +75,7 @@ class _TrainPlan:
     ddp: DistributedDataParallel | None  # the DDP module, with more than one rank
     ddp_params: list[torch.Tensor]  # what its reducer waits for
     lockstep: bool  # several ranks and a forward with collectives of its own (not DDP): always split, agreed
+    carrier: CarriedFlag | None  # DDP's communication hook carrying the OOM flag (Note: [carried flag])
 
 
 def _forward_has_collectives(strategy: Any) -> bool:
@@ -143,6 +155,7 @@ class StepHook:
         self._plan: _TrainPlan | None = None
         self._flag_group: Any = None
         self._flag_group_made = False
+        self._carrier: tuple[DistributedDataParallel, CarriedFlag] | None = None
         self._eval_agreed = False  # eval steps agree across ranks (the strategy's forward communicates)
 
     # ------------------------------------------------------------------ install
@@ -188,6 +201,7 @@ class StepHook:
         self._strategy = self._trainer = None
         self._pending = self._retry = None
         self._plan = None
+        self._carrier = None  # the DDP of this fit keeps its hook; the next fit wraps a new DDP
         self.state.forget()
 
     @contextlib.contextmanager
@@ -295,18 +309,37 @@ class StepHook:
         results = getattr(epoch_loop, "_results", None)
         world = trainer.world_size
         ddp = self._ddp() if world > 1 else None
-        return _TrainPlan(
-            epoch_loop=epoch_loop,
-            hooked=bool(module.automatic_optimization)
+        hooked = (
+            bool(module.automatic_optimization)
             and bool(strategy.optimizers)
             and not getattr(strategy, "handles_gradient_accumulation", False)
-            and self._owner_listed(trainer),
+            and self._owner_listed(trainer)
+        )
+        return _TrainPlan(
+            epoch_loop=epoch_loop,
+            hooked=hooked,
             accumulate=trainer.accumulate_grad_batches,
             results=results if results is not None else getattr(trainer, "_results", None),
             ddp=ddp,
             ddp_params=ddp_params(ddp) if ddp is not None else [],
             lockstep=world > 1 and ddp is None,
+            carrier=self._carrier_for(ddp) if ddp is not None and hooked else None,
         )
+
+    def _carrier_for(self, ddp: DistributedDataParallel) -> CarriedFlag | None:
+        """The OOM flag's carrier on ``ddp``, registered as its communication hook on its first training step
+        (after every ``on_*_start`` hook, where a module registers its own), or ``None`` where it cannot be."""
+        if self._carrier is not None and self._carrier[0] is ddp:
+            return self._carrier[1]
+        if not can_carry_flag(ddp):
+            return None
+        carrier = CarriedFlag(self._flag_group)
+        try:
+            carrier.register(ddp)
+        except RuntimeError:  # a hook registered through a path DDP does not record: keep it, agree after backward
+            return None
+        self._carrier = (ddp, carrier)
+        return carrier
 
     def _training_step(
         self, original: Callable[..., Any], backward: Callable[..., Any], /, *args: Any, **kwargs: Any
@@ -349,6 +382,9 @@ class StepHook:
             return self._split_step(step, agreed=step.synced, failed=None)
         # Note: [fast path] an unsplit step runs as if the hook were not there (forward here, backward in the
         # closure), after a snapshot of what it may log or update. It runs every step, so it is written out inline.
+        carrier = plan.carrier if step.synced else None
+        if carrier is not None:
+            carrier.arm(batch_size_of(args[0]) or 1)
         step.saved = self.state.save(plan.results, buffers=True)
         out, failed = None, None
         try:
@@ -374,6 +410,8 @@ class StepHook:
             # backward of this zero loss; the flag after it makes every rank retry (Note: [completing the buckets]).
             step.failed = failed
             self._retry = step
+            if carrier is not None:
+                carrier.fail((batch_size_of(args[0]) or 1) <= 1)
             return zero_forward(ddp, plan.ddp_params)
         self.state.restore(step.saved, trainer)
         return self._split_step(step, agreed=False, failed=failed)
@@ -466,11 +504,19 @@ class StepHook:
             if failed is None:
                 raise
         # Note: [oom references] outside the `except`: the exception is gone.
-        if failed is not None and step.failed is None and ddp is not None and marks is not None and plan is not None:
-            finish_backward(ddp, plan.ddp_params, marks, closure_loss)
         size = batch_size_of(step.args[0]) or 1
         here = failed is not None
-        if ddp is not None:
+        carrier = plan.carrier if ddp is not None and plan is not None else None
+        if failed is not None and step.failed is None and ddp is not None and marks is not None and plan is not None:
+            if carrier is not None:
+                if carrier.sent:
+                    self._oom_after_flag(failed)
+                carrier.fail(size <= 1)
+            finish_backward(ddp, plan.ddp_params, marks, closure_loss)
+        agreed = carrier.collect() if carrier is not None else None
+        if agreed is not None:
+            oom, at_one, batch_max = agreed
+        elif ddp is not None:
             oom, at_one, batch_max = step_failed(here, here and size <= 1, size, self._flag_group)
         else:
             oom, at_one, batch_max = here, here and size <= 1, size
@@ -480,6 +526,16 @@ class StepHook:
             self.train_policy.on_success()
             return out
         return self._retry_split(step, closure_loss, prior, Failure(failed, at_one, batch_max), ddp)
+
+    def _oom_after_flag(self, failed: str) -> None:
+        from lightning_tiercache.errors import OOMRecoveryError
+
+        raise OOMRecoveryError(
+            f"out of memory in backward of batch {self._installed_trainer().fit_loop.epoch_loop.batch_idx} after "
+            "this rank's last gradient bucket was sent: the other ranks were told the step succeeded, so it cannot "
+            f"be retried together ({failed}). Lower the batch size, or register a DDP communication hook of your "
+            "own, which makes every step agree after backward instead."
+        )
 
     def _protect_accumulated(self) -> list[torch.Tensor | None] | None:
         """A copy of the gradients accumulated by the window's earlier batches, which a failed backward would

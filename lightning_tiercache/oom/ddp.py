@@ -18,15 +18,34 @@ zero loss through the parameters whose gradients the reducer has not seen yet:
   failed backward had not reached (told apart by :class:`GradMarks`, taken before that backward) and that
   belong to the failed graph (with ``find_unused_parameters`` the others were marked ready by DDP itself).
 
-The all-reduced gradients of that step are then wrong on every rank, which is fine: the one-element flag the
-caller reduces right after backward (:func:`step_failed`) tells every rank to discard them and retry split.
-Collectives stay in the same order on every rank: the buckets, then the flag, then the retry's own.
+The all-reduced gradients of that step are then wrong on every rank, which is fine: a one-element-per-question
+flag tells every rank to discard them and retry split (Note: [carried flag]). Collectives stay in the same
+order on every rank: the buckets, then the flag, then the retry's own.
+
+Note: [carried flag] Every rank must learn, before its optimizer steps, whether any rank failed in this step.
+A separate all-reduce after backward does that, but it is a second rank-to-rank wait on every step, after the
+one DDP's last bucket already is (about 1.4 ms a step between two gloo processes on a 2-core VM, where DDP's
+own step can be 3 ms). So the flag rides with the last bucket instead: :class:`CarriedFlag` is DDP's
+communication hook (``ddp.register_comm_hook``, DDP's public extension point), does exactly what DDP does
+without a hook (scale the bucket by ``1 / world_size``, multiplied as DDP's reducer does, then an all-reduce
+SUM: the same bits), and when DDP hands it the last bucket of a backward it also launches the flag's
+all-reduce (MAX of three host integers), asynchronously, beside that bucket's. Both are in flight together;
+after backward the flag's result is there or nearly so. A failing rank sets its flag before its zero-gradient
+backward launches the last bucket (Note: [completing the buckets]); an OOM after this rank's last bucket went
+out is past recovery (the flag said "no failure" already) and raises
+:class:`~lightning_tiercache.errors.OOMRecoveryError` on that rank.
+
+The flag is carried only where the library can be DDP's only hook: no hook registered before the first
+training step (a module's ``on_fit_start`` hook, or Lightning's ``DDPStrategy(ddp_comm_hook=...)``), no DDP
+``mixed_precision``, no sparse gradients (:func:`can_carry_flag`). Elsewhere the user's hook runs as
+registered and the flag is the separate all-reduce after backward (:func:`step_failed`).
 
 Plain PyTorch; the Lightning step hook drives it.
 """
 
 from __future__ import annotations
 
+import functools
 import operator
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -35,7 +54,17 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["GradMarks", "ddp_params", "finish_backward", "flag_group", "step_failed", "zero_forward", "zero_loss"]
+__all__ = [
+    "CarriedFlag",
+    "GradMarks",
+    "can_carry_flag",
+    "ddp_params",
+    "finish_backward",
+    "flag_group",
+    "step_failed",
+    "zero_forward",
+    "zero_loss",
+]
 
 _grad_of = operator.attrgetter("grad")
 
@@ -158,3 +187,132 @@ def step_failed(oom: bool, at_size_one: bool, batch_size: int, group: Any = None
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     a, b, c = t.tolist()
     return bool(a), bool(b), int(c)
+
+
+def can_carry_flag(ddp: DistributedDataParallel) -> bool:
+    """Whether :class:`CarriedFlag` can be ``ddp``'s communication hook (Note: [carried flag]): no hook is
+    registered yet, DDP's own ``mixed_precision`` is off, and no module makes sparse gradients."""
+    hooks = getattr(ddp, "_comm_hooks", None)  # DDP's record of `register_comm_hook` calls; unknown: do not try
+    if hooks is None or hooks or getattr(ddp, "mixed_precision", None) is not None:
+        return False
+    sparse = (torch.nn.Embedding, torch.nn.EmbeddingBag)
+    return not any(isinstance(m, sparse) and m.sparse for m in ddp.module.modules())
+
+
+class CarriedFlag:
+    """DDP's gradient all-reduce, plus this step's OOM flag carried with the last bucket (Note: [carried flag]).
+
+    Per synchronized step: :meth:`arm` before forward, :meth:`fail` if this rank ran out of memory (before the
+    zero-gradient backward), :meth:`collect` after backward.
+
+    Args:
+        group: the flag's process group (:func:`flag_group`) for a last bucket the flag cannot ride inside; DDP's
+            own group reduces the buckets.
+
+    Example::
+
+        flag = CarriedFlag(flag_group())
+        flag.register(ddp)          # once, before the first backward
+        flag.arm(batch_size)
+        loss = ddp(x).sum(); loss.backward()
+        failed, at_one, largest = flag.collect()
+    """
+
+    __slots__ = ("_inside", "_inside_fut", "_tensor", "_values", "_work", "group")
+
+    def __init__(self, group: Any = None) -> None:
+        self.group = group
+        self._values = [0, 0, 0]
+        self._tensor: torch.Tensor | None = None  # the flag's own all-reduce: its tensor and work
+        self._work: Any = None
+        self._inside: list[float] | None = None  # the flag's slots, read back from inside the last bucket
+        self._inside_fut: torch.futures.Future[torch.Tensor] | None = None
+
+    def register(self, ddp: DistributedDataParallel) -> None:
+        """Make this ``ddp``'s communication hook (raises DDP's ``RuntimeError`` if it has one already)."""
+        ddp.register_comm_hook(ddp.process_group, self.hook)
+
+    def hook(self, state: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+        """The communication hook: DDP's own scale-and-sum of ``bucket`` on ``state`` (DDP's process group)."""
+        group = state if state is not None else dist.group.WORLD
+        world = dist.get_world_size(group)
+        tensor = bucket.buffer()
+        # DDP's reducer without a hook multiplies by the reciprocal while copying into the bucket (not a
+        # division, which can differ in the last bit): the same product here keeps every gradient bit.
+        tensor.mul_(1.0 / world)
+        if not bucket.is_last():
+            return dist.all_reduce(tensor, group=group, async_op=True).get_future().then(_first_value)
+        if _rides_inside(tensor):
+            # Note: [flag inside the bucket] a small host bucket takes the flag as extra elements, so one
+            # all-reduce carries both: SUM of 0/1 says whether any rank failed, and each rank's batch size sits
+            # in its own slot (the largest is read back). Exact: whole numbers below 2**24 in float32 or wider.
+            slots = [0.0] * (2 + world)
+            slots[0], slots[1] = float(self._values[0]), float(self._values[1])
+            slots[2 + dist.get_rank(group)] = float(min(self._values[2], _EXACT_INT))
+            joined = torch.cat([tensor, torch.tensor(slots, dtype=tensor.dtype)])
+            fut = dist.all_reduce(joined, group=group, async_op=True).get_future()
+            self._inside_fut = fut.then(functools.partial(self._read_inside, tensor.numel()))
+            return self._inside_fut
+        fut = dist.all_reduce(tensor, group=group, async_op=True).get_future()
+        # Launched right after the last bucket's all-reduce, and in flight beside it.
+        self._tensor = torch.tensor(self._values, dtype=torch.int64)
+        self._work = dist.all_reduce(self._tensor, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        return fut.then(_first_value)
+
+    def _read_inside(self, n: int, fut: torch.futures.Future[list[torch.Tensor]]) -> torch.Tensor:
+        joined = fut.value()[0]
+        self._inside = joined[n:].tolist()
+        return joined[:n]
+
+    def arm(self, batch_size: int) -> None:
+        """A new synchronized step on a batch of ``batch_size``: nothing failed yet, no flag sent."""
+        self._values = [0, 0, int(batch_size)]
+        self._tensor = self._work = self._inside = self._inside_fut = None
+
+    @property
+    def sent(self) -> bool:
+        """Whether this step's flag went out already (DDP launched the last bucket)."""
+        return self._work is not None or self._inside_fut is not None
+
+    def fail(self, at_size_one: bool) -> None:
+        """This rank ran out of memory in this step (``at_size_one``: on a batch of one sample)."""
+        self._values[0], self._values[1] = 1, int(at_size_one)
+
+    def collect(self) -> tuple[bool, bool, int] | None:
+        """After backward: ``(some rank failed, some rank failed at one sample, largest batch size)``, or ``None``
+        when DDP launched no last bucket in this step (then no rank sent a flag: agree another way)."""
+        work, tensor, inside_fut = self._work, self._tensor, self._inside_fut
+        self._work = self._tensor = self._inside_fut = None
+        if inside_fut is not None:
+            inside_fut.wait()  # done already: DDP's backward waited for it
+            inside, self._inside = self._inside, None
+            if inside is None:
+                raise RuntimeError("tiercache oom: the last bucket's all-reduce finished without its flag")
+            return inside[0] > 0, inside[1] > 0, int(max(inside[2:]))
+        if work is None or tensor is None:
+            return None
+        work.wait()
+        a, b, c = tensor.tolist()
+        return bool(a), bool(b), int(c)
+
+
+_INSIDE_BYTES = 256 * 1024  # a last bucket up to this size takes the flag inside (two copies of it a step)
+_EXACT_INT = 2**24  # whole numbers up to this are exact in float32
+
+
+def _rides_inside(tensor: torch.Tensor) -> bool:
+    """Whether the flag rides inside this last bucket (Note: [flag inside the bucket]): a small host bucket of
+    float32 or float64, the same on every rank (DDP's buckets are)."""
+    return (
+        tensor.device.type == "cpu"
+        and tensor.dtype in (torch.float32, torch.float64)
+        and tensor.numel() * tensor.element_size() <= _INSIDE_BYTES
+    )
+
+
+# DDP compares a hook's annotations with its own types, and this module's are strings (postponed evaluation).
+CarriedFlag.hook.__annotations__.update({"bucket": dist.GradBucket, "return": torch.futures.Future[torch.Tensor]})
+
+
+def _first_value(fut: torch.futures.Future[list[torch.Tensor]]) -> torch.Tensor:
+    return fut.value()[0]

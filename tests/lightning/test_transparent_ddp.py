@@ -1,8 +1,10 @@
 """2-process CPU DDP (gloo) with ``TierCacheCallback()``: what DDP users rely on still holds.
 
 Eval with different batch counts per rank finishes (no per-step collective, telemetry included), a
-communication hook the module registers runs on every training step as often as without the callback, and an
-eval OOM on one rank splits there alone and counts every sample once. The test launches this file twice as a
+communication hook the module registers runs on every training step as often as without the callback, a fit
+without a hook gets the same weights bit for bit with no blocking collective added (the OOM flag rides with
+DDP's last bucket, Note: [carried flag]), and an eval OOM on one rank splits there alone and counts every sample
+once. The test launches this file twice as a
 script (Lightning's "launched externally" mode); each process runs every scenario and writes what it saw.
 """
 
@@ -34,6 +36,12 @@ def test_ddp_eval_with_uneven_batches_and_comm_hooks_behave_as_without_the_callb
     assert seen[0]["rows"] == [[[2, 2.0, 1.0]], [[2, 2.0, 1.0]]]
     for s in seen:
         assert s["hook_calls"] == s["hook_calls_plain"] >= s["train_steps"] == 4
+        # No hook of the module's: the callback's flag rides with the buckets. Per step, one asynchronous
+        # all-reduce launched inside backward (the model's one small bucket, DDP's own reduce done by the
+        # callback's hook, with the flag inside it), no blocking collective added, the same weights bit for bit.
+        assert s["blocking_no_hook"] == s["blocking_no_hook_plain"], s
+        assert s["async_no_hook"] - s["async_no_hook_plain"] == 4, s
+        assert s["weights_equal_no_hook"]
     # One rank ran out of memory in validation: it split alone; the logged sums equal the plain run's.
     assert [s["eval_splits"] for s in seen] == [0, 1]
     assert seen[0]["val_sum"] == pytest.approx(seen[0]["val_sum_plain"], rel=1e-6)
@@ -62,17 +70,20 @@ def _worker(out_dir: Path) -> None:  # pragma: no cover - runs in subprocesses
         return TensorDataset(torch.randn(n, 8, generator=g), torch.randn(n, 1, generator=g))
 
     class Net(L.LightningModule):
-        def __init__(self) -> None:
+        def __init__(self, comm_hook: bool = True) -> None:
             super().__init__()
             torch.manual_seed(0)
             self.l1 = nn.Linear(8, 16)
             self.l2 = nn.Linear(16, 1)
             self.hook_calls = 0
+            self.comm_hook = comm_hook
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.l2(torch.tanh(self.l1(x)))
 
         def on_fit_start(self) -> None:
+            if not self.comm_hook:
+                return
             model = self.trainer.strategy.model
 
             # No annotations: DDP checks a hook's annotations against its own types, and these would be strings.
@@ -160,6 +171,29 @@ def _worker(out_dir: Path) -> None:  # pragma: no cover - runs in subprocesses
     trainer([tiercache(), counter], max_steps=4).fit(hooked, train)
     seen["hook_calls"] = hooked.hook_calls
     seen["train_steps"] = counter.train_batches
+
+    note("fit without a comm hook")
+    calls = {"blocking": 0, "async": 0}
+    all_reduce = dist.all_reduce
+
+    def counting_all_reduce(*args: Any, **kwargs: Any) -> Any:
+        calls["async" if kwargs.get("async_op") else "blocking"] += 1
+        return all_reduce(*args, **kwargs)
+
+    dist.all_reduce = counting_all_reduce
+    try:
+        runs = []
+        for callbacks in ([], [tiercache()]):
+            calls["blocking"] = calls["async"] = 0
+            net = Net(comm_hook=False)
+            trainer(callbacks, max_steps=4).fit(net, train)
+            runs.append((dict(calls), [p.detach().clone() for p in net.parameters()]))
+    finally:
+        dist.all_reduce = all_reduce
+    (plain_calls, plain_weights), (cb_calls, cb_weights) = runs
+    seen["blocking_no_hook_plain"], seen["async_no_hook_plain"] = plain_calls["blocking"], plain_calls["async"]
+    seen["blocking_no_hook"], seen["async_no_hook"] = cb_calls["blocking"], cb_calls["async"]
+    seen["weights_equal_no_hook"] = all(torch.equal(a, b) for a, b in zip(plain_weights, cb_weights, strict=True))
 
     note("validate with an OOM on rank 1")
     val = DataLoader(data(16, seed=7), batch_size=8)

@@ -1,7 +1,11 @@
 """2-process CPU DDP (gloo): OOM on one rank or both, in forward or backward, never hangs and stays exact.
 
 The test launches this file twice as a script (rank 0 and 1, Lightning's "launched externally" mode); each
-process runs a plain DDP fit and four fits with injected OOMs, and writes its final weights.
+process runs a plain DDP fit and six fits with injected OOMs, and writes its final weights. Four carry the
+ranks' OOM flag with DDP's last gradient bucket (the library's communication hook); in the last two the module
+registers its own hook, and the flag is an all-reduce after backward (Note: [carried flag]). A last fit runs
+out of memory on rank 1 after its last bucket went out (the backward of the input, after every parameter's):
+that rank raises ``OOMRecoveryError`` at once and the other finishes its step.
 """
 
 from __future__ import annotations
@@ -15,7 +19,19 @@ import torch
 
 from tests.ddp_launch import run_two_ranks
 
-SCENARIOS = [("forward", (1,)), ("backward", (1,)), ("forward", (0, 1)), ("backward", (0, 1))]
+# (phase, ranks that run out of memory, the module registers its own DDP communication hook)
+SCENARIOS = [
+    ("forward", (1,), False),
+    ("backward", (1,), False),
+    ("forward", (0, 1), False),
+    ("backward", (0, 1), False),
+    ("forward", (1,), True),
+    ("backward", (1,), True),
+]
+
+
+def _name(phase: str, ranks: tuple[int, ...], own_hook: bool) -> str:
+    return f"{phase}-{'-'.join(map(str, ranks))}" + ("-own-hook" if own_hook else "")
 
 
 @pytest.mark.slow
@@ -23,8 +39,8 @@ SCENARIOS = [("forward", (1,)), ("backward", (1,)), ("forward", (0, 1)), ("backw
 def test_ddp_oom_on_one_or_both_ranks_in_forward_or_backward(tmp_path: Path) -> None:
     run_two_ranks(__file__, tmp_path, 150)
     plain = torch.load(tmp_path / "plain-0.pt")
-    for phase, ranks in SCENARIOS:
-        name = f"{phase}-{'-'.join(map(str, ranks))}"
+    for phase, ranks, own_hook in SCENARIOS:
+        name = _name(phase, ranks, own_hook)
         for rank in (0, 1):
             got = torch.load(tmp_path / f"{name}-{rank}.pt")
             for a, b in zip(got["weights"], plain["weights"], strict=True):
@@ -34,6 +50,12 @@ def test_ddp_oom_on_one_or_both_ranks_in_forward_or_backward(tmp_path: Path) -> 
             # every rank reached the same decisions: one failed attempt per rank per scenario
             assert got["failed_attempts"] == 1, (name, rank)
             assert got["injected"] == (1 if rank in ranks else 0), (name, rank)
+            # The module's hook ran in the failed first step's backward; the split steps after it all-reduce with
+            # the library's own reduce (docs/oom.md: split steps do not apply a communication hook).
+            assert got["own_hook_calls"] == (1 if own_hook else 0), (name, rank)
+    late = [torch.load(tmp_path / f"late-{rank}.pt") for rank in (0, 1)]
+    assert late[0] == {"error": None, "steps": 1}
+    assert late[1]["error"] is not None and "after this rank's last gradient bucket was sent" in late[1]["error"]
 
 
 def _worker(out_dir: Path) -> None:  # pragma: no cover - runs in subprocesses
@@ -49,15 +71,30 @@ def _worker(out_dir: Path) -> None:  # pragma: no cover - runs in subprocesses
     rank = int(os.environ["RANK"])
 
     class Net(L.LightningModule):
-        def __init__(self) -> None:
+        def __init__(self, own_hook: bool = False) -> None:
             super().__init__()
             torch.manual_seed(0)
             self.l1 = nn.Linear(8, 16)
             self.l2 = nn.Linear(16, 1)
             self.register_buffer("scale", torch.ones(1))  # DDP broadcasts buffers in forward: a collective
+            self.own_hook = own_hook
+            self.own_hook_calls = 0
+            self.late_oom = False
+
+        def on_fit_start(self):
+            if self.own_hook:
+                from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+                def counting_hook(state, bucket):  # no annotations: DDP checks them against its own types
+                    self.own_hook_calls += 1
+                    return allreduce_hook(state, bucket)
+
+                self.trainer.strategy.model.register_comm_hook(None, counting_hook)
 
         def training_step(self, batch, batch_idx):
             x, y = batch
+            if self.late_oom:
+                x = _LateOOM.apply(x.requires_grad_())
             return nn.functional.mse_loss(self.l2(torch.tanh(self.l1(x))) * self.scale, y)
 
         def configure_optimizers(self):
@@ -73,10 +110,22 @@ def _worker(out_dir: Path) -> None:  # pragma: no cover - runs in subprocesses
         def teardown(self, trainer, pl_module, stage):
             self.hook.uninstall()
 
+    class _LateOOM(torch.autograd.Function):
+        # Identity whose backward (the input's gradient, after every parameter's) runs out of memory on rank 1.
+        @staticmethod
+        def forward(ctx, x):
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            if rank == 1:
+                raise torch.OutOfMemoryError("injected: out of memory after the last bucket")
+            return grad
+
     g = torch.Generator().manual_seed(1)
     data = TensorDataset(torch.randn(32 * 4, 8, generator=g), torch.randn(32 * 4, 1, generator=g))
 
-    def fit(callbacks, model) -> None:
+    def fit(callbacks, model, max_steps=-1) -> None:
         loader = DataLoader(
             data, batch_size=16, sampler=DistributedSampler(data, num_replicas=2, rank=rank, shuffle=False)
         )
@@ -85,6 +134,7 @@ def _worker(out_dir: Path) -> None:  # pragma: no cover - runs in subprocesses
             devices=2,
             strategy="ddp",
             max_epochs=1,
+            max_steps=max_steps,
             logger=False,
             enable_checkpointing=False,
             enable_progress_bar=False,
@@ -97,8 +147,8 @@ def _worker(out_dir: Path) -> None:  # pragma: no cover - runs in subprocesses
     plain = Net()
     fit([], plain)
     torch.save({"weights": [p.detach() for p in plain.parameters()]}, out_dir / f"plain-{rank}.pt")
-    for phase, ranks in SCENARIOS:
-        model = Net()
+    for phase, ranks, own_hook in SCENARIOS:
+        model = Net(own_hook)
         injector = OOMInjector(above_batch_size=8, phase=phase, ranks=ranks).attach(model.l1)
         hook = StepHook(OOMConfig(grow_back_after_steps=0))
         fit([Install(hook)], model)
@@ -109,9 +159,20 @@ def _worker(out_dir: Path) -> None:  # pragma: no cover - runs in subprocesses
                 "micro_batches": stats["current_micro_batches"],
                 "failed_attempts": stats["failed_attempts"],
                 "injected": injector.injected,
+                "own_hook_calls": model.own_hook_calls,
             },
-            out_dir / f"{phase}-{'-'.join(map(str, ranks))}-{rank}.pt",
+            out_dir / f"{_name(phase, ranks, own_hook)}-{rank}.pt",
         )
+    from lightning_tiercache.errors import OOMRecoveryError
+
+    model = Net()
+    model.late_oom = True
+    error = None
+    try:
+        fit([Install(StepHook(OOMConfig(grow_back_after_steps=0)))], model, max_steps=1)
+    except OOMRecoveryError as exc:
+        error = str(exc)
+    torch.save({"error": error, "steps": model.trainer.global_step}, out_dir / f"late-{rank}.pt")
     # Tear the process group down before interpreter exit: gloo's threads otherwise race the exit and can
     # abort the process ("terminate called without an active exception") after all work succeeded.
     if torch.distributed.is_initialized():
