@@ -130,16 +130,6 @@ class TierCacheCallback(Callback):
     the peaks since the stage began are in :meth:`stats` and :meth:`summary`.
     """
 
-    # Note: [unused step hooks] Lightning calls every hook of every callback, each inside a profiler context
-    # (about 15 Python calls a hook), and skips an attribute that is not callable (`_call_callback_hooks`, since
-    # Lightning 1.6). These four run on every training step and have nothing to do here; as `None` they cost
-    # nothing (they were 65 of the 149 calls, and about 30 k of the 200 k instructions, the callback added to a
-    # short step with nothing to offload).
-    on_before_zero_grad = None  # type: ignore[assignment]
-    on_before_backward = None  # type: ignore[assignment]
-    on_after_backward = None  # type: ignore[assignment]
-    on_before_optimizer_step = None  # type: ignore[assignment]
-
     def __init__(
         self,
         *,

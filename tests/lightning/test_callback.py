@@ -127,34 +127,6 @@ def test_steps_with_nothing_to_offload_run_without_saved_tensor_hooks(tmp_path: 
     assert seen["packed"] == 0
 
 
-def test_lightning_skips_the_step_hooks_the_callback_leaves_unset(tmp_path: Path, spill_parent: Path) -> None:
-    """Note: [unused step hooks]: Lightning dispatches only the callback's hooks that do something."""
-    from lightning.pytorch.profilers import Profiler
-
-    class Actions(Profiler):
-        def __init__(self) -> None:
-            super().__init__()
-            self.names: set[str] = set()
-
-        def start(self, action_name: str) -> None:
-            self.names.add(action_name)
-
-        def stop(self, action_name: str) -> None:
-            pass
-
-        def summary(self) -> str:
-            return ""
-
-    profiler = Actions()
-    cb = make_callback(spill_parent)
-    trainer(tmp_path, cb, profiler=profiler).fit(Wide())
-    ours = {n.rsplit(".", 1)[-1] for n in profiler.names if n.startswith(f"[Callback]{cb.state_key}.")}
-    assert {"on_train_batch_start", "on_train_batch_end"} <= ours
-    assert not ours & {"on_before_zero_grad", "on_before_backward", "on_after_backward", "on_before_optimizer_step"}
-    # and Lightning still ran those hooks of the other callbacks (the profiler sees the trainer's own ones)
-    assert any(n.endswith(".on_before_backward") for n in profiler.names)
-
-
 def test_progress_bar_shows_a_short_summary(tmp_path: Path, spill_parent: Path) -> None:
     shown: dict[str, Any] = {}
 
