@@ -504,9 +504,11 @@ class StepHook:
             if failed is None:
                 raise
         # Note: [oom references] outside the `except`: the exception is gone.
-        size = batch_size_of(step.args[0]) or 1
         here = failed is not None
         carrier = plan.carrier if ddp is not None and plan is not None else None
+        # The batch size matters to a retry and to the agreement after backward; a good step that needs neither
+        # does not read it (the carried flag took it at `arm`).
+        size = (batch_size_of(step.args[0]) or 1) if here or (ddp is not None and carrier is None) else 1
         if failed is not None and step.failed is None and ddp is not None and marks is not None and plan is not None:
             if carrier is not None:
                 if carrier.sent:
