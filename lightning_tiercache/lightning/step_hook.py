@@ -323,7 +323,7 @@ class StepHook:
             ddp=ddp,
             ddp_params=ddp_params(ddp) if ddp is not None else [],
             lockstep=world > 1 and ddp is None,
-            carrier=self._carrier_for(ddp) if ddp is not None and hooked else None,
+            carrier=self._carrier_for(ddp) if ddp is not None and hooked and self.config.enabled else None,
         )
 
     def _carrier_for(self, ddp: DistributedDataParallel) -> CarriedFlag | None:

@@ -42,6 +42,8 @@ def test_ddp_eval_with_uneven_batches_and_comm_hooks_behave_as_without_the_callb
         assert s["blocking_no_hook"] == s["blocking_no_hook_plain"], s
         assert s["async_no_hook"] - s["async_no_hook_plain"] == 4, s
         assert s["weights_equal_no_hook"]
+        # With OOM recovery off the callback is not DDP's hook: DDP reduces in C++ as without it.
+        assert s["calls_oom_off"] == {"blocking": s["blocking_no_hook_plain"], "async": s["async_no_hook_plain"]}
     # One rank ran out of memory in validation: it split alone; the logged sums equal the plain run's.
     assert [s["eval_splits"] for s in seen] == [0, 1]
     assert seen[0]["val_sum"] == pytest.approx(seen[0]["val_sum_plain"], rel=1e-6)
@@ -183,14 +185,15 @@ def _worker(out_dir: Path) -> None:  # pragma: no cover - runs in subprocesses
     dist.all_reduce = counting_all_reduce
     try:
         runs = []
-        for callbacks in ([], [tiercache()]):
+        for callbacks in ([], [tiercache()], [TierCacheCallback(spill_dir=str(out_dir), oom_recovery=False)]):
             calls["blocking"] = calls["async"] = 0
             net = Net(comm_hook=False)
             trainer(callbacks, max_steps=4).fit(net, train)
             runs.append((dict(calls), [p.detach().clone() for p in net.parameters()]))
     finally:
         dist.all_reduce = all_reduce
-    (plain_calls, plain_weights), (cb_calls, cb_weights) = runs
+    (plain_calls, plain_weights), (cb_calls, cb_weights), (off_calls, _) = runs
+    seen["calls_oom_off"] = off_calls
     seen["blocking_no_hook_plain"], seen["async_no_hook_plain"] = plain_calls["blocking"], plain_calls["async"]
     seen["blocking_no_hook"], seen["async_no_hook"] = cb_calls["blocking"], cb_calls["async"]
     seen["weights_equal_no_hook"] = all(torch.equal(a, b) for a, b in zip(plain_weights, cb_weights, strict=True))
