@@ -1,9 +1,10 @@
 """2-process CPU DDP (gloo): OOM on one rank or both, in forward or backward, never hangs and stays exact.
 
 The test launches this file twice as a script (rank 0 and 1, Lightning's "launched externally" mode); each
-process runs a plain DDP fit and six fits with injected OOMs, and writes its final weights. Four carry the
-ranks' OOM flag with DDP's last gradient bucket (the library's communication hook); in the last two the module
-registers its own hook, and the flag is an all-reduce after backward (Note: [carried flag]). A last fit runs
+process runs plain DDP fits and eight fits with injected OOMs, and writes its final weights. Six carry the
+ranks' OOM flag with DDP's last gradient bucket (the library's communication hook), inside it or beside it; in
+the last two the module registers its own hook, and the flag is an all-reduce after backward (Note: [carried
+flag]). A last fit runs
 out of memory on rank 1 after its last bucket went out (the backward of the input, after every parameter's):
 that rank raises ``OOMRecoveryError`` at once and the other finishes its step.
 """
@@ -19,28 +20,32 @@ import torch
 
 from tests.ddp_launch import run_two_ranks
 
-# (phase, ranks that run out of memory, the module registers its own DDP communication hook)
+# (phase, ranks that run out of memory, model): "small" has one gradient bucket, the OOM flag rides inside
+# it; "wide" has a 1.6 MiB one, over the inside limit, so the flag has an all-reduce of its own beside it;
+# "own-hook" is "small" with the module's own DDP communication hook (the flag goes after backward).
 SCENARIOS = [
-    ("forward", (1,), False),
-    ("backward", (1,), False),
-    ("forward", (0, 1), False),
-    ("backward", (0, 1), False),
-    ("forward", (1,), True),
-    ("backward", (1,), True),
+    ("forward", (1,), "small"),
+    ("backward", (1,), "small"),
+    ("forward", (0, 1), "small"),
+    ("backward", (0, 1), "small"),
+    ("forward", (1,), "wide"),
+    ("backward", (1,), "wide"),
+    ("forward", (1,), "own-hook"),
+    ("backward", (1,), "own-hook"),
 ]
 
 
-def _name(phase: str, ranks: tuple[int, ...], own_hook: bool) -> str:
-    return f"{phase}-{'-'.join(map(str, ranks))}" + ("-own-hook" if own_hook else "")
+def _name(phase: str, ranks: tuple[int, ...], kind: str) -> str:
+    return f"{phase}-{'-'.join(map(str, ranks))}-{kind}"
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_ddp_oom_on_one_or_both_ranks_in_forward_or_backward(tmp_path: Path) -> None:
     run_two_ranks(__file__, tmp_path, 150)
-    plain = torch.load(tmp_path / "plain-0.pt")
-    for phase, ranks, own_hook in SCENARIOS:
-        name = _name(phase, ranks, own_hook)
+    for phase, ranks, kind in SCENARIOS:
+        name = _name(phase, ranks, kind)
+        plain = torch.load(tmp_path / f"plain-{'wide' if kind == 'wide' else 'small'}-0.pt")
         for rank in (0, 1):
             got = torch.load(tmp_path / f"{name}-{rank}.pt")
             for a, b in zip(got["weights"], plain["weights"], strict=True):
@@ -52,7 +57,7 @@ def test_ddp_oom_on_one_or_both_ranks_in_forward_or_backward(tmp_path: Path) -> 
             assert got["injected"] == (1 if rank in ranks else 0), (name, rank)
             # The module's hook ran in the failed first step's backward; the split steps after it all-reduce with
             # the library's own reduce (docs/oom.md: split steps do not apply a communication hook).
-            assert got["own_hook_calls"] == (1 if own_hook else 0), (name, rank)
+            assert got["own_hook_calls"] == (1 if kind == "own-hook" else 0), (name, rank)
     late = [torch.load(tmp_path / f"late-{rank}.pt") for rank in (0, 1)]
     assert late[0] == {"error": None, "steps": 1}
     assert late[1]["error"] is not None and "after this rank's last gradient bucket was sent" in late[1]["error"]
@@ -71,13 +76,15 @@ def _worker(out_dir: Path) -> None:  # pragma: no cover - runs in subprocesses
     rank = int(os.environ["RANK"])
 
     class Net(L.LightningModule):
-        def __init__(self, own_hook: bool = False) -> None:
+        def __init__(self, kind: str = "small") -> None:
             super().__init__()
             torch.manual_seed(0)
-            self.l1 = nn.Linear(8, 16)
+            # "wide": 1.6 MiB of parameters in one bucket, above what the flag rides inside
+            self.wide = nn.Linear(8, 16384) if kind == "wide" else None
+            self.l1 = nn.Linear(16384 if kind == "wide" else 8, 16)
             self.l2 = nn.Linear(16, 1)
             self.register_buffer("scale", torch.ones(1))  # DDP broadcasts buffers in forward: a collective
-            self.own_hook = own_hook
+            self.own_hook = kind == "own-hook"
             self.own_hook_calls = 0
             self.late_oom = False
 
@@ -95,9 +102,13 @@ def _worker(out_dir: Path) -> None:  # pragma: no cover - runs in subprocesses
             x, y = batch
             if self.late_oom:
                 x = _LateOOM.apply(x.requires_grad_())
+            if self.wide is not None:
+                x = torch.tanh(self.wide(x))
             return nn.functional.mse_loss(self.l2(torch.tanh(self.l1(x))) * self.scale, y)
 
         def configure_optimizers(self):
+            if self.wide is not None:  # AdamW would magnify the split's other summation order on near-zero grads
+                return torch.optim.SGD(self.parameters(), lr=1e-2)
             return torch.optim.AdamW(self.parameters(), lr=1e-2)
 
     class Install(L.Callback):
@@ -144,11 +155,12 @@ def _worker(out_dir: Path) -> None:  # pragma: no cover - runs in subprocesses
         )
         trainer.fit(model, loader)
 
-    plain = Net()
-    fit([], plain)
-    torch.save({"weights": [p.detach() for p in plain.parameters()]}, out_dir / f"plain-{rank}.pt")
-    for phase, ranks, own_hook in SCENARIOS:
-        model = Net(own_hook)
+    for kind in ("small", "wide"):
+        plain = Net(kind)
+        fit([], plain)
+        torch.save({"weights": [p.detach() for p in plain.parameters()]}, out_dir / f"plain-{kind}-{rank}.pt")
+    for phase, ranks, kind in SCENARIOS:
+        model = Net(kind)
         injector = OOMInjector(above_batch_size=8, phase=phase, ranks=ranks).attach(model.l1)
         hook = StepHook(OOMConfig(grow_back_after_steps=0))
         fit([Install(hook)], model)
@@ -161,7 +173,7 @@ def _worker(out_dir: Path) -> None:  # pragma: no cover - runs in subprocesses
                 "injected": injector.injected,
                 "own_hook_calls": model.own_hook_calls,
             },
-            out_dir / f"{_name(phase, ranks, own_hook)}-{rank}.pt",
+            out_dir / f"{_name(phase, ranks, kind)}-{rank}.pt",
         )
     from lightning_tiercache.errors import OOMRecoveryError
 
