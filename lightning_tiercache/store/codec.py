@@ -27,6 +27,7 @@ import xxhash
 import zstandard
 
 from lightning_tiercache.errors import SpillCorruptError
+from lightning_tiercache.store.tiers.mapped import fresh_bytes
 
 __all__ = [
     "CODEC_IDS",
@@ -211,7 +212,7 @@ def decode_payload(rec: Record, payload: memoryview, where: str) -> torch.Tensor
         else:
             width = torch.empty((), dtype=rec.dtype).element_size()
             n = rec.raw_nbytes // width
-            out = torch.empty((n, width), dtype=torch.uint8)
+            out = fresh_bytes(n * width).view(n, width)
             out[:, width - 1] = _decompress_into(payload[: rec.aux], n)
             out[:, : width - 1] = torch.frombuffer(payload[rec.aux :], dtype=torch.uint8).view(n, width - 1)
             raw = out.view(-1)
@@ -226,7 +227,7 @@ def decode_payload(rec: Record, payload: memoryview, where: str) -> torch.Tensor
 
 def _decompress_into(payload: memoryview, nbytes: int) -> torch.Tensor:
     """Decompress a zstd frame of ``nbytes`` straight into a new tensor (no intermediate bytes object)."""
-    out = torch.empty(nbytes, dtype=torch.uint8)
+    out = fresh_bytes(nbytes)
     view = byte_view(out)
     reader = _decompressor().stream_reader(payload)
     got = 0

@@ -769,8 +769,6 @@ class TierStore:
     def _release(self, e: Entry, tier: Tier) -> None:
         """Give back what ``e`` holds in ``tier`` (lock held)."""
         self._used[tier] -= e.nbytes
-        if tier is not Tier.DISK and not self._ops.moves_bytes and e.data is not None:
-            self._trimmer.released(e.nbytes)  # Note: [memory that leaves the process]
         if tier is Tier.DISK and self._spill is not None:
             self._spill.file(e.id).unlink(missing_ok=True)
         elif tier is Tier.HOST:

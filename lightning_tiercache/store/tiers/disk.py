@@ -22,6 +22,7 @@ import torch
 
 from lightning_tiercache.errors import SpillCorruptError, SpillMissingError
 from lightning_tiercache.store import codec as _codec
+from lightning_tiercache.store.tiers.mapped import fresh_bytes
 
 __all__ = ["DiskFullError", "SpillDir", "read_record", "remove_stale_spill_dirs", "write_record"]
 
@@ -120,7 +121,7 @@ def read_record(path: Path) -> torch.Tensor:
         with open(path, "rb", buffering=0) as f:
             size = os.fstat(f.fileno()).st_size
             # torch.empty does not zero-fill (bytearray does): one pass over fresh memory, not two.
-            buf = torch.empty(size, dtype=torch.uint8)
+            buf = fresh_bytes(size)
             view = _codec.byte_view(buf)
             got = 0
             while got < size:

@@ -2,14 +2,17 @@
 
 Note: [memory that leaves the process]
     Freeing a tensor returns its bytes to the C allocator, not to the OS. glibc raises its mmap threshold
-    after the first large free, so later tensors of that size come from its heaps (one per thread that
-    allocates: forward in the main thread, reloads in the I/O threads), and what a spill write releases stays
-    resident: peak RSS does not drop although the bytes are on disk (``tests/lightning/test_memory_cpu.py``
-    fails without this). On a CPU device the store counts the RAM its spill writes and frees release
-    and, once half its device budget (at most :data:`TRIM_EVERY_BYTES`) piled up, trims: from the I/O thread
-    that wrote, after it let go of the bytes, and from ``TierStore.return_free_memory`` (the offloader calls
-    it as each forward starts, when backward's reloads were freed), never under the store's lock. Where the
-    C library is not glibc, nothing is trimmed.
+    after the first large free, so later tensors of that size come from its heaps, and what a spill write
+    releases stays resident: peak RSS does not drop although the bytes are on disk
+    (``tests/lightning/test_memory_cpu.py`` fails without this). On a CPU device the store counts the RAM its
+    spill writes release and, once half its device budget (at most :data:`TRIM_EVERY_BYTES`) piled up, trims:
+    from the I/O thread that wrote, after it let go of the bytes, and from ``TierStore.return_free_memory``
+    (the offloader calls it as each forward starts), never under the store's lock. Entries freed where they
+    are (the resident tail, whatever backward frees in place) do not count: the run without the library
+    frees the same memory, and trimming it only makes the next step fault its pages in again
+    (``test_entries_freed_in_the_device_tier_trim_nothing``). What the disk tier reads back is a mapping of
+    its own, gone when freed, with no trim needed (Note: [reads that leave the process] in
+    :mod:`lightning_tiercache.store.tiers.mapped`). Where the C library is not glibc, nothing is trimmed.
 """
 
 from __future__ import annotations
