@@ -194,6 +194,9 @@ def test_activations_runs_every_cpu_variant_and_reports_a_ratio_and_rss_figures(
         assert row["note"] is None, (name, row["note"])  # a failed memory child, or a tiercache warning
         assert _positive(row["step_x"]) and _positive(row["peak_rss_mib"]), row
         assert isinstance(row["rss_growth_mib"], int) and _positive(row["resident_mib"]), row
+        # the first step's peak and each later step's, reported apart (ours plans from the second step on)
+        assert isinstance(row["first_growth_mib"], int), row
+        assert len(row["step_growth_mib"].split("/")) == 2, row
         if name.startswith("ours"):
             assert row["moved_mib_step"] is not None and row["wait_ms_step"] is not None, row
     assert rows["ours_disk"]["moved_mib_step"] > 0  # the budget is a share of the saved bytes: some must move

@@ -9,7 +9,10 @@ offloaded); ours to disk with every block compiled (``torch.compile`` per block)
 the median per-round ratio to no offload. Memory is measured in a fresh subprocess per variant, under the C
 library's default settings (no ``MALLOC_*`` variables): on CUDA ``max_memory_allocated`` over a step minus what
 was allocated before it; on CPU the bytes saved for backward that stay resident (the store's device-tier peak
-for ours, a counting hook for the others) and the growth of the process's peak RSS over two steps.
+for ours, a counting hook for the others) and the growth of the process's peak RSS. RSS growth is counted
+twice, each from the RSS after handing the allocator's free pages back: over the first step in the process
+(``first_growth``: ours runs it unplanned) and over the two steps after it (``rss_growth``, the steady state
+a training run lives in; ``step_growth`` gives each of the two steps' own peak).
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ SIZES = {
 MiB = 1 << 20
 _COLUMNS = (
     "variant", "step_x", "step_x_iqr", "resident_mib", "resident_pct", "peak_rss_mib", "rss_growth_mib",
-    "rss_growth_pct", "moved_mib_step", "wait_ms_step", "waits_step", "lead_mib", "note",
+    "rss_growth_pct", "first_growth_mib", "first_growth_pct", "step_growth_mib", "moved_mib_step", "wait_ms_step",
+    "waits_step", "lead_mib", "note",
 )  # fmt: skip
 _CHECKPOINTED = ("checkpoint", "ours_disk_ckpt")
 
@@ -195,10 +199,11 @@ def _child(args: argparse.Namespace) -> int:
     model, x, y, device, budget = _setup(args)
     v = _Variant(args.child, model, args, device, budget)
     amp = device.type == "cuda"
+    first_before = _reset_peak_rss()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _step(v, x, y, amp)  # the first step measures (and compiles); memory is taken on the planned steps
-    out: dict[str, Any] = {"name": v.name}
+        _step(v, x, y, amp)  # the first step measures (and compiles); ours plans the later ones from it
+    out: dict[str, Any] = {"name": v.name, "first_rss_before": first_before, "first_peak_rss": _peak_rss()}
     if device.type == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -206,6 +211,7 @@ def _child(args: argparse.Namespace) -> int:
     rss_before = _reset_peak_rss()
     resident = 0
     counted: list[int] = []
+    step_peaks: list[int] = []
     for _ in range(2):
         if v.offloader is None and device.type != "cuda":
             with SavedBytes() as saved:  # checkpoint's block inputs included: it saves them through the hooks
@@ -216,6 +222,9 @@ def _child(args: argparse.Namespace) -> int:
                 warnings.simplefilter("always")
                 _step(v, x, y, amp)
             caught += later
+        step_peaks.append(_peak_rss())
+        _restart_peak_rss()  # each later step's own peak, from the same base
+    out["step_peak_rss"] = step_peaks
     if device.type == "cuda":
         torch.cuda.synchronize()
         out["cuda_peak_bytes"] = torch.cuda.max_memory_allocated() - base
@@ -226,7 +235,7 @@ def _child(args: argparse.Namespace) -> int:
         resident = v.store.stats()["tiers"]["device"]["peak_bytes"] + st["skipped_bytes"] // max(1, st["steps"])
     else:
         resident = max(counted)
-    out.update(resident_bytes=resident, rss_before=rss_before, peak_rss=_peak_rss())
+    out.update(resident_bytes=resident, rss_before=rss_before, peak_rss=max(step_peaks))
     out["warnings"] = sorted({str(w.message)[:80] for w in caught if "tiercache" in str(w.message)})
     v.close()
     print(json.dumps(out))
@@ -253,13 +262,18 @@ def _reset_peak_rss() -> int:
     from lightning_tiercache.store.tiers.trim import Trimmer
 
     Trimmer().trim()
+    _restart_peak_rss()
+    rss = _proc_status("VmRSS")
+    return rss if rss is not None else _peak_rss()
+
+
+def _restart_peak_rss() -> None:
+    """Set the peak RSS (``VmHWM``) to the RSS now, without trimming (Linux; elsewhere nothing happens)."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     except OSError:
         pass
-    rss = _proc_status("VmRSS")
-    return rss if rss is not None else _peak_rss()
 
 
 def _peak_rss() -> int:
@@ -325,6 +339,11 @@ def _row(
     row["rss_growth_mib"] = round(growth / MiB)
     base_growth = base.get("peak_rss", 0) - base.get("rss_before", 0)
     row["rss_growth_pct"] = round(100 * growth / base_growth, 1) if base_growth > 0 else None
+    row["step_growth_mib"] = "/".join(str(round((p - mem["rss_before"]) / MiB)) for p in mem["step_peak_rss"])
+    first = mem["first_peak_rss"] - mem["first_rss_before"]
+    base_first = base.get("first_peak_rss", 0) - base.get("first_rss_before", 0)
+    row["first_growth_mib"] = round(first / MiB)
+    row["first_growth_pct"] = round(100 * first / base_first, 1) if base_first > 0 else None
     if mem.get("warnings"):
         row["note"] = "; ".join(mem["warnings"])[:80]
     if v.offloader is not None:
