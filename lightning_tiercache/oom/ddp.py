@@ -191,9 +191,12 @@ def step_failed(oom: bool, at_size_one: bool, batch_size: int, group: Any = None
 
 def can_carry_flag(ddp: DistributedDataParallel) -> bool:
     """Whether :class:`CarriedFlag` can be ``ddp``'s communication hook (Note: [carried flag]): no hook is
-    registered yet, DDP's own ``mixed_precision`` is off, and no module makes sparse gradients."""
+    registered yet, DDP's own ``mixed_precision`` is off, no module makes sparse gradients, and DDP reduces in
+    its C++ reducer (not the per-parameter Python reducer of compiled autograd, which calls hooks per tensor)."""
     hooks = getattr(ddp, "_comm_hooks", None)  # DDP's record of `register_comm_hook` calls; unknown: do not try
     if hooks is None or hooks or getattr(ddp, "mixed_precision", None) is not None:
+        return False
+    if getattr(ddp, "_use_python_reducer", False):
         return False
     sparse = (torch.nn.Embedding, torch.nn.EmbeddingBag)
     return not any(isinstance(m, sparse) and m.sparse for m in ddp.module.modules())

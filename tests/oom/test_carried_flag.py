@@ -96,5 +96,8 @@ def test_flag_rides_only_where_it_can_be_the_only_hook(one_rank: None) -> None:
     assert not can_carry_flag(ddp)  # a hook is registered (the module's own, or this one)
     sparse = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Linear(4, 1))
     assert not can_carry_flag(DistributedDataParallel(copy.deepcopy(sparse)))
+    compiled = _ddp(_model(16))
+    compiled._use_python_reducer = True  # what DDP sets under compiled autograd's "python_reducer" mode
+    assert not can_carry_flag(compiled)
     with pytest.raises(RuntimeError, match="only be called once"):
         CarriedFlag().register(ddp)
