@@ -18,8 +18,9 @@ Three workloads run in each pair of processes:
   is the callback's fixed per-step cost under DDP, in ms, which the 40 ms steps above hide in noise.
 
 What the callback adds per step on the happy path: the snapshot of what the step logs and of small buffers,
-the store's settle at the batch boundary, the offloader's check, and under DDP the OOM agreement, carried by
-the library's communication hook with DDP's last gradient bucket (inside it, or beside it for a large one); at
+the store's settle at the batch boundary, the offloader's check, and under DDP the OOM agreement: three
+integers all-reduced after backward, or inside DDP's last gradient bucket for small gradients (``buffer_small``;
+Note: [where the flag rides] in ``oom/ddp.py``); at
 each ``log_every_n_steps`` step (none within the default 30 steps) one reduce of the telemetry values, logged
 only once the library did something.
 

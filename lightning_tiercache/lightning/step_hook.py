@@ -5,9 +5,9 @@ fail is Lightning's own (Note: [fast path]): forward here, then Lightning's clos
 ``backward`` (or none, when the loop skips backward, as SWA's BatchNorm epoch does), DDP's reducer with its
 bucketed overlap and any communication hook. What the hook adds is a snapshot of what the step may log or
 update (:mod:`lightning_tiercache.lightning.step_state`) and, under DDP on steps that synchronize gradients,
-a three-integer OOM flag that every rank reads after backward: carried with DDP's last gradient bucket when the
-library can be DDP's communication hook, else one all-reduce of its own after backward (Note: [carried flag] in
-:mod:`lightning_tiercache.oom.ddp`).
+a three-integer OOM flag that every rank reads after backward: one all-reduce of its own after backward, or,
+for small host gradients, inside DDP's last gradient bucket with the library as DDP's communication hook
+(Note: [carried flag] and Note: [where the flag rides] in :mod:`lightning_tiercache.oom.ddp`).
 
 When forward or backward raises an OOM, the failed attempt is dropped and rolled back, and the step runs again
 as micro-batches (:mod:`lightning_tiercache.lightning.split_step`, :class:`~lightning_tiercache.oom.MicroBatchRunner`),

@@ -1,10 +1,10 @@
 """2-process CPU DDP (gloo): OOM on one rank or both, in forward or backward, never hangs and stays exact.
 
 The test launches this file twice as a script (rank 0 and 1, Lightning's "launched externally" mode); each
-process runs plain DDP fits and eight fits with injected OOMs, and writes its final weights. Six carry the
-ranks' OOM flag with DDP's last gradient bucket (the library's communication hook), inside it or beside it; in
-the last two the module registers its own hook, and the flag is an all-reduce after backward (Note: [carried
-flag]). A last fit runs
+process runs plain DDP fits and eight fits with injected OOMs, and writes its final weights. Four carry the
+ranks' OOM flag inside DDP's last gradient bucket (the library's communication hook); in the others the
+gradients are too large for that or the module registers its own hook, and the flag is an all-reduce after
+backward (Note: [carried flag]). A last fit runs
 out of memory on rank 1 after its last bucket went out (the backward of the input, after every parameter's):
 that rank raises ``OOMRecoveryError`` at once and the other finishes its step.
 """
@@ -21,8 +21,9 @@ import torch
 from tests.ddp_launch import run_two_ranks
 
 # (phase, ranks that run out of memory, model): "small" has one gradient bucket, the OOM flag rides inside
-# it; "wide" has a 1.6 MiB one, over the inside limit, so the flag has an all-reduce of its own beside it;
-# "own-hook" is "small" with the module's own DDP communication hook (the flag goes after backward).
+# it; "wide" has 1.6 MiB of gradients, over the inside limit, so the library is not DDP's hook and the flag is
+# an all-reduce after backward (Note: [where the flag rides]); "own-hook" is "small" with the module's own DDP
+# communication hook (the flag goes after backward too).
 SCENARIOS = [
     ("forward", (1,), "small"),
     ("backward", (1,), "small"),
