@@ -411,7 +411,7 @@ class StepHook:
             step.failed = failed
             self._retry = step
             if carrier is not None:
-                carrier.fail((batch_size_of(args[0]) or 1) <= 1)
+                carrier.fail()
             return zero_forward(ddp, plan.ddp_params)
         self.state.restore(step.saved, trainer)
         return self._split_step(step, agreed=False, failed=failed)
@@ -513,7 +513,7 @@ class StepHook:
             if carrier is not None:
                 if carrier.sent:
                     self._oom_after_flag(failed)
-                carrier.fail(size <= 1)
+                carrier.fail()
             finish_backward(ddp, plan.ddp_params, marks, closure_loss)
         agreed = carrier.collect() if carrier is not None else None
         if agreed is not None:

@@ -288,9 +288,9 @@ class CarriedFlag:
         """Whether this step's flag went out already (DDP launched the last bucket)."""
         return self._work is not None or self._inside_fut is not None
 
-    def fail(self, at_size_one: bool) -> None:
-        """This rank ran out of memory in this step (``at_size_one``: on a batch of one sample)."""
-        self._values[0], self._values[1] = 1, int(at_size_one)
+    def fail(self) -> None:
+        """This rank ran out of memory in this step (on the batch :meth:`arm` was given)."""
+        self._values[0], self._values[1] = 1, int(self._values[2] <= 1)
 
     def collect(self) -> tuple[bool, bool, int] | None:
         """After backward: ``(some rank failed, some rank failed at one sample, largest batch size)``, or ``None``

@@ -61,7 +61,7 @@ def test_carried_flag_reduces_like_ddp_and_sends_one_flag_per_backward(
         flag.arm(16)
         assert not flag.sent
         if step == 2:
-            flag.fail(at_size_one=False)
+            flag.fail()
         plain(x).pow(2).sum().backward()
         assert launched == []  # DDP without a hook reduces in C++
         carried(x).pow(2).sum().backward()
