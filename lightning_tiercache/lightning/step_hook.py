@@ -333,7 +333,7 @@ class StepHook:
             return self._carrier[1]
         if not can_carry_flag(ddp):
             return None
-        carrier = CarriedFlag(self._flag_group)
+        carrier = CarriedFlag()
         try:
             carrier.register(ddp)
         except RuntimeError:  # a hook registered through a path DDP does not record: keep it, agree after backward

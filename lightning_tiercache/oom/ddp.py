@@ -41,9 +41,9 @@ registered before the first training step (a module's ``on_fit_start``, Lightnin
 Python reducer. For larger gradients a Python hook cost more than the wait it saves. On a 6x768 MLP (14 MB of
 gradients, two gloo processes, one thread each; medians of 3, 2026-12-02, a busy machine) a backward took
 39.6 ms with DDP's C++ reduce alone, 39.2 ms with the agreement after it, 42.6 ms with torch's own Python
-``allreduce_hook``, and 42.5 ms with this hook launching the flag's all-reduce beside the last bucket. The
-beside mode stays in the hook for a last bucket that is not small (the hook is not registered for one; it is
-tested directly). CUDA was not measured, so CUDA keeps the agreement after backward.
+``allreduce_hook``, and 42.5 ms with a hook that launched the flag's own all-reduce beside the last bucket
+(not kept: :meth:`CarriedFlag.register` refuses where the flag cannot ride inside). CUDA was not measured, so
+CUDA keeps the agreement after backward.
 
 Plain PyTorch; the Lightning step hook drives it.
 """
@@ -219,31 +219,29 @@ class CarriedFlag:
     Per synchronized step: :meth:`arm` before forward, :meth:`fail` if this rank ran out of memory (before the
     zero-gradient backward), :meth:`collect` after backward.
 
-    Args:
-        group: the flag's process group (:func:`flag_group`) for a last bucket the flag cannot ride inside; DDP's
-            own group reduces the buckets.
-
     Example::
 
-        flag = CarriedFlag(flag_group())
+        flag = CarriedFlag()
         flag.register(ddp)          # once, before the first backward
         flag.arm(batch_size)
         loss = ddp(x).sum(); loss.backward()
         failed, at_one, largest = flag.collect()
     """
 
-    __slots__ = ("_inside", "_inside_fut", "_tensor", "_values", "_work", "group")
+    __slots__ = ("_inside", "_inside_fut", "_values")
 
-    def __init__(self, group: Any = None) -> None:
-        self.group = group
+    def __init__(self) -> None:
         self._values = [0, 0, 0]
-        self._tensor: torch.Tensor | None = None  # the flag's own all-reduce: its tensor and work
-        self._work: Any = None
         self._inside: list[float] | None = None  # the flag's slots, read back from inside the last bucket
         self._inside_fut: torch.futures.Future[torch.Tensor] | None = None
 
     def register(self, ddp: DistributedDataParallel) -> None:
-        """Make this ``ddp``'s communication hook (raises DDP's ``RuntimeError`` if it has one already)."""
+        """Make this ``ddp``'s communication hook; ``ValueError`` where :func:`can_carry_flag` says no (DDP has a
+        hook already, or the gradients are too large for the flag to ride inside the last bucket)."""
+        if not can_carry_flag(ddp):
+            raise ValueError(
+                "tiercache oom: the OOM flag cannot ride with this DDP's gradients (Note: [where the flag rides])"
+            )
         ddp.register_comm_hook(ddp.process_group, self.hook)
 
     def hook(self, state: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -256,22 +254,17 @@ class CarriedFlag:
         tensor.mul_(1.0 / world)
         if not bucket.is_last():
             return dist.all_reduce(tensor, group=group, async_op=True).get_future().then(_first_value)
-        if _rides_inside(tensor):
-            # Note: [flag inside the bucket] a small host bucket takes the flag as extra elements, so one
-            # all-reduce carries both: SUM of 0/1 says whether any rank failed, and each rank's batch size sits
-            # in its own slot (the largest is read back). Exact: whole numbers below 2**24 in float32 or wider.
-            slots = [0.0] * (2 + world)
-            slots[0], slots[1] = float(self._values[0]), float(self._values[1])
-            slots[2 + dist.get_rank(group)] = float(min(self._values[2], _EXACT_INT))
-            joined = torch.cat([tensor, torch.tensor(slots, dtype=tensor.dtype)])
-            fut = dist.all_reduce(joined, group=group, async_op=True).get_future()
-            self._inside_fut = fut.then(functools.partial(self._read_inside, tensor.numel()))
-            return self._inside_fut
-        fut = dist.all_reduce(tensor, group=group, async_op=True).get_future()
-        # Launched right after the last bucket's all-reduce, and in flight beside it.
-        self._tensor = torch.tensor(self._values, dtype=torch.int64)
-        self._work = dist.all_reduce(self._tensor, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
-        return fut.then(_first_value)
+        # Note: [flag inside the bucket] the small host last bucket (`register` checked) takes the flag as extra
+        # elements, so one all-reduce carries both: SUM of 0/1 says whether any rank failed, and each rank's
+        # batch size sits in its own slot (the largest is read back). Exact: whole numbers below 2**24 in float32
+        # or wider.
+        slots = [0.0] * (2 + world)
+        slots[0], slots[1] = float(self._values[0]), float(self._values[1])
+        slots[2 + dist.get_rank(group)] = float(min(self._values[2], _EXACT_INT))
+        joined = torch.cat([tensor, torch.tensor(slots, dtype=tensor.dtype)])
+        fut = dist.all_reduce(joined, group=group, async_op=True).get_future()
+        self._inside_fut = fut.then(functools.partial(self._read_inside, tensor.numel()))
+        return self._inside_fut
 
     def _read_inside(self, n: int, fut: torch.futures.Future[list[torch.Tensor]]) -> torch.Tensor:
         joined = fut.value()[0]
@@ -281,12 +274,12 @@ class CarriedFlag:
     def arm(self, batch_size: int) -> None:
         """A new synchronized step on a batch of ``batch_size``: nothing failed yet, no flag sent."""
         self._values = [0, 0, int(batch_size)]
-        self._tensor = self._work = self._inside = self._inside_fut = None
+        self._inside = self._inside_fut = None
 
     @property
     def sent(self) -> bool:
         """Whether this step's flag went out already (DDP launched the last bucket)."""
-        return self._work is not None or self._inside_fut is not None
+        return self._inside_fut is not None
 
     def fail(self) -> None:
         """This rank ran out of memory in this step (on the batch :meth:`arm` was given)."""
@@ -295,19 +288,14 @@ class CarriedFlag:
     def collect(self) -> tuple[bool, bool, int] | None:
         """After backward: ``(some rank failed, some rank failed at one sample, largest batch size)``, or ``None``
         when DDP launched no last bucket in this step (then no rank sent a flag: agree another way)."""
-        work, tensor, inside_fut = self._work, self._tensor, self._inside_fut
-        self._work = self._tensor = self._inside_fut = None
-        if inside_fut is not None:
-            inside_fut.wait()  # done already: DDP's backward waited for it
-            inside, self._inside = self._inside, None
-            if inside is None:
-                raise RuntimeError("tiercache oom: the last bucket's all-reduce finished without its flag")
-            return inside[0] > 0, inside[1] > 0, int(max(inside[2:]))
-        if work is None or tensor is None:
+        inside_fut, self._inside_fut = self._inside_fut, None
+        if inside_fut is None:
             return None
-        work.wait()
-        a, b, c = tensor.tolist()
-        return bool(a), bool(b), int(c)
+        inside_fut.wait()  # done already: DDP's backward waited for it
+        inside, self._inside = self._inside, None
+        if inside is None:
+            raise RuntimeError("tiercache oom: the last bucket's all-reduce finished without its flag")
+        return inside[0] > 0, inside[1] > 0, int(max(inside[2:]))
 
 
 _INSIDE_BYTES = 256 * 1024  # a last bucket up to this size takes the flag inside (two copies of it a step)
@@ -315,16 +303,6 @@ _EXACT_INT = 2**24  # whole numbers up to this are exact in float32
 
 
 _INSIDE_DTYPES = (torch.float32, torch.float64)
-
-
-def _rides_inside(tensor: torch.Tensor) -> bool:
-    """Whether the flag rides inside this last bucket (Note: [flag inside the bucket]): a small host bucket of
-    float32 or float64, the same on every rank (DDP's buckets are)."""
-    return (
-        tensor.device.type == "cpu"
-        and tensor.dtype in _INSIDE_DTYPES
-        and tensor.numel() * tensor.element_size() <= _INSIDE_BYTES
-    )
 
 
 # DDP compares a hook's annotations with its own types, and this module's are strings (postponed evaluation).
