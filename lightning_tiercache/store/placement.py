@@ -147,6 +147,9 @@ class TierStore:
         self._leaving = dict.fromkeys(_TIERS, 0)
         self._peak = dict.fromkeys(_TIERS, 0)  # since the store opened
         self._window_peak = dict.fromkeys(_TIERS, 0)  # since the last stats(reset_window=True)
+        # Entries added to a tier already over its budget: past the one entry in flight that backpressure allows
+        # (Note: [backpressure]); the summary names a tier over budget only then.
+        self._added_over = dict.fromkeys(_TIERS, 0)
         self._counts: collections.Counter[str] = collections.Counter()
         self._busy_s: collections.defaultdict[str, float] = collections.defaultdict(float)
         self._waits: collections.deque[float] = collections.deque(maxlen=4096)
@@ -529,6 +532,7 @@ class TierStore:
                     "budget": self._budget[t],
                     "peak_bytes": self._peak[t],
                     "window_peak_bytes": self._window_peak[t],
+                    "added_over_budget": self._added_over[t],
                 }
                 if reset_window:
                     self._window_peak[t] = self._used[t]
@@ -673,6 +677,8 @@ class TierStore:
         return any(self._used[t] > self._budget[t] and self._leaving[t] > 0 for t in (Tier.DEVICE, Tier.HOST))
 
     def _add(self, e: Entry, tier: Tier) -> None:
+        if self._used[tier] > self._budget[tier]:
+            self._added_over[tier] += 1
         self._used[tier] += e.nbytes
         self._peak[tier] = max(self._peak[tier], self._used[tier])
         self._window_peak[tier] = max(self._window_peak[tier], self._used[tier])

@@ -65,6 +65,7 @@ def test_tier_peaks_stay_within_budget_plus_one_entry_while_the_disk_lags(make_s
         t = st["tiers"][name]
         if t["budget"]:
             assert t["peak_bytes"] <= t["budget"] + LARGEST, (name, t)
+            assert t["added_over_budget"] == 0, (name, t)  # over it only by the entry that crossed it
     assert st["backpressure_waits"] > 0  # forward waited for the disk instead of filling memory
 
 
@@ -79,6 +80,7 @@ def test_a_real_overcommit_warns_once_naming_the_budgets_and_is_an_event_and_a_c
     over = [str(w.message) for w in caught if "over its budget" in str(w.message)]
     assert len(over) == 1 and "raise device_bytes" in over[0] and "device_bytes=131072" in over[0]
     assert store.stats()["overcommits"] > 0
+    assert store.stats()["tiers"]["device"]["added_over_budget"] > 0
     assert any(e["event"] == "overcommit" for e in store.drain_events())
 
 
