@@ -250,6 +250,8 @@ class Spill(_Mover):
         spill_lost: ``spill_lost(entry, dst, err)`` after a read found the record missing or corrupt (lock held).
         written: ``written(entry, src)`` after a write landed and this thread let go of the bytes (lock not
             held): where the freed memory can be handed back to the OS.
+        read_back: ``read_back(entry)`` after a read landed (lock not held): where what backward freed
+            meanwhile can be handed back to the OS.
     """
 
     def __init__(
@@ -267,6 +269,7 @@ class Spill(_Mover):
         disk_failed: Callable[[Entry, Tier, OSError], None],
         spill_lost: Callable[[Entry, Tier | None, SpillError], None],
         written: Callable[[Entry, Tier], None] | None = None,
+        read_back: Callable[[Entry], None] | None = None,
     ) -> None:
         super().__init__(base.ops, base.pool, base.jobs, base.lock, base.landed, base.failed, base.counts)
         self._download = download
@@ -280,6 +283,7 @@ class Spill(_Mover):
         self._disk_failed = disk_failed
         self._spill_lost = spill_lost
         self._written = written
+        self._read_back = read_back
 
     def write(self, e: Entry, src: Tier) -> cf.Future[None]:
         """Start writing ``e`` from ``src`` to disk (lock held)."""
@@ -376,6 +380,8 @@ class Spill(_Mover):
             self.counts["bytes_to_device"] += e.nbytes if event is not None else 0
             self._busy_s["read"] += seconds
             self.landed(e, Tier.DISK, dst, host, buf, event)
+        if self._read_back is not None:
+            self._read_back(e)
 
     def read_through(self, e: Entry) -> torch.Tensor:
         """Read a spilled entry that no tier above can hold (pinned by the caller, lock not held).

@@ -163,7 +163,7 @@ class TierStore:
             self._down, download=self._down, upload=self._up, ensure_dir=self._ensure_spill,
             spill_file=self._spill_file, auto=AutoCodec(self.config.zstd_level), codec=self.config.codec,
             zstd_level=self.config.zstd_level, busy_s=self._busy_s, disk_failed=self._disk_failed,
-            spill_lost=self._spill_lost, written=self._written,
+            spill_lost=self._spill_lost, written=self._written, read_back=self._read_back,
         )  # fmt: skip
         self._dropped_ids: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._closed = False
@@ -894,6 +894,15 @@ class TierStore:
 
     def _written(self, e: Entry, src: Tier) -> None:
         """A spill write landed (lock not held): on a CPU device its RAM is free; hand it back when enough is.
+
+        Note: [memory that leaves the process] (:mod:`lightning_tiercache.store.tiers.trim`).
+        """
+        if not self._ops.moves_bytes:
+            self._trimmer.released(e.nbytes)
+            self._trimmer.trim_if_due()
+
+    def _read_back(self, e: Entry) -> None:
+        """A spill read landed (lock not held): on a CPU device, backward's own frees pile up; hand them back.
 
         Note: [memory that leaves the process] (:mod:`lightning_tiercache.store.tiers.trim`).
         """

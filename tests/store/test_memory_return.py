@@ -78,3 +78,20 @@ def test_a_read_record_is_its_own_mapping_until_its_last_view_dies(tmp_path, cod
     del view, numpy_view
     gc.collect()
     assert _mapping(addr) is None  # the last view died: the memory left the process
+
+
+@needs_glibc
+def test_spill_reads_hand_back_what_backward_freed_meanwhile(make_store):
+    # Note: [memory that leaves the process]: reloads land in mappings of their own, so backward's
+    # temporaries grow the heap instead of reusing the activations' memory; each read's bytes count toward
+    # the next trim.
+    store = make_store(device_bytes=2 * MiB, host_bytes=0)
+    handles = [store.put(torch.ones(MiB // 4), tier=Tier.DISK) for _ in range(8)]
+    store.settle()
+    after_writes = store.stats()["memory_trims"]
+    for h in handles:
+        store.get(h)
+        store.free(h)
+    store.settle()
+    assert store.stats()["reads"] == 8
+    assert store.stats()["memory_trims"] > after_writes
