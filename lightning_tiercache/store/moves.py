@@ -248,10 +248,8 @@ class Spill(_Mover):
         busy_s: per-operation busy seconds, added under the lock.
         disk_failed: ``disk_failed(entry, src, err)`` after a write failed (lock held).
         spill_lost: ``spill_lost(entry, dst, err)`` after a read found the record missing or corrupt (lock held).
-        written: ``written(entry, src)`` after a write landed and this thread let go of the bytes (lock not
-            held): where the freed memory can be handed back to the OS.
-        read_back: ``read_back(entry)`` after a read landed (lock not held): where what backward freed
-            meanwhile can be handed back to the OS.
+        moved: ``moved(entry)`` after a write landed and this thread let go of the bytes, or after a read
+            landed (lock not held): where RAM freed meanwhile can be handed back to the OS.
     """
 
     def __init__(
@@ -268,8 +266,7 @@ class Spill(_Mover):
         busy_s: Any,
         disk_failed: Callable[[Entry, Tier, OSError], None],
         spill_lost: Callable[[Entry, Tier | None, SpillError], None],
-        written: Callable[[Entry, Tier], None] | None = None,
-        read_back: Callable[[Entry], None] | None = None,
+        moved: Callable[[Entry], None] | None = None,
     ) -> None:
         super().__init__(base.ops, base.pool, base.jobs, base.lock, base.landed, base.failed, base.counts)
         self._download = download
@@ -282,8 +279,7 @@ class Spill(_Mover):
         self._busy_s = busy_s
         self._disk_failed = disk_failed
         self._spill_lost = spill_lost
-        self._written = written
-        self._read_back = read_back
+        self._moved = moved
 
     def write(self, e: Entry, src: Tier) -> cf.Future[None]:
         """Start writing ``e`` from ``src`` to disk (lock held)."""
@@ -340,9 +336,9 @@ class Spill(_Mover):
             self.counts["spill_file_bytes"] += written
             self._busy_s["write"] += seconds
             self.landed(e, src, Tier.DISK, None, None, None)
-        if self._written is not None:
+        if self._moved is not None:
             del data, host, parts  # the last references this thread holds to the written bytes
-            self._written(e, src)
+            self._moved(e)
 
     def _read_job(self, e: Entry, dst: Tier) -> None:
         try:
@@ -380,8 +376,8 @@ class Spill(_Mover):
             self.counts["bytes_to_device"] += e.nbytes if event is not None else 0
             self._busy_s["read"] += seconds
             self.landed(e, Tier.DISK, dst, host, buf, event)
-        if self._read_back is not None:
-            self._read_back(e)
+        if self._moved is not None:
+            self._moved(e)
 
     def read_through(self, e: Entry) -> torch.Tensor:
         """Read a spilled entry that no tier above can hold (pinned by the caller, lock not held).

@@ -163,7 +163,7 @@ class TierStore:
             self._down, download=self._down, upload=self._up, ensure_dir=self._ensure_spill,
             spill_file=self._spill_file, auto=AutoCodec(self.config.zstd_level), codec=self.config.codec,
             zstd_level=self.config.zstd_level, busy_s=self._busy_s, disk_failed=self._disk_failed,
-            spill_lost=self._spill_lost, written=self._written, read_back=self._read_back,
+            spill_lost=self._spill_lost, moved=self._spill_moved,
         )  # fmt: skip
         self._dropped_ids: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._closed = False
@@ -892,19 +892,12 @@ class TierStore:
             f"and lowering the disk budget",
         )
 
-    def _written(self, e: Entry, src: Tier) -> None:
-        """A spill write landed (lock not held): on a CPU device its RAM is free; hand it back when enough is.
+    def _spill_moved(self, e: Entry) -> None:
+        """A spill write or read landed (lock not held): on a CPU device, hand freed RAM back when enough is.
 
-        Note: [memory that leaves the process] (:mod:`lightning_tiercache.store.tiers.trim`).
-        """
-        if not self._ops.moves_bytes:
-            self._trimmer.released(e.nbytes)
-            self._trimmer.trim_if_due()
-
-    def _read_back(self, e: Entry) -> None:
-        """A spill read landed (lock not held): on a CPU device, backward's own frees pile up; hand them back.
-
-        Note: [memory that leaves the process] (:mod:`lightning_tiercache.store.tiers.trim`).
+        A write released the entry's RAM; a read stands for what backward freed meanwhile in the heap, since
+        the reload itself is a mapping of its own. Note: [memory that leaves the process]
+        (:mod:`lightning_tiercache.store.tiers.trim`).
         """
         if not self._ops.moves_bytes:
             self._trimmer.released(e.nbytes)
