@@ -31,21 +31,20 @@ import threading
 import time
 import typing
 from collections.abc import Callable
-from pathlib import Path
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lightning_tiercache.errors import SpillCorruptError, SpillError
+from lightning_tiercache.errors import SpillCorruptError, SpillError, SpillMissingError
 from lightning_tiercache.store.codec import AutoCodec, encode_with
 from lightning_tiercache.store.tiers import Tier
 from lightning_tiercache.store.tiers.device import DeviceEvent, DeviceOps
-from lightning_tiercache.store.tiers.disk import read_record, write_parts
 from lightning_tiercache.store.tiers.host import PinnedPool
 
 if TYPE_CHECKING:
     from lightning_tiercache.store.placement import Entry
+    from lightning_tiercache.store.tiers.disk import SpillDir
 
 __all__ = ["Download", "Jobs", "Spill", "Upload", "host_view"]
 
@@ -243,6 +242,7 @@ class Spill(_Mover):
         download: copies a device-tier entry to host memory before it is encoded.
         upload: copies a read record to the device when it goes straight back there.
         ensure_dir: the store's spill folder (made on first use; called with the lock held).
+        spill_dir: the store's spill folder, ``None`` before the first spill.
         auto: the measuring codec picker, for ``codec="auto"``.
         codec, zstd_level: the configured codec and its level.
         busy_s: per-operation busy seconds, added under the lock.
@@ -258,8 +258,8 @@ class Spill(_Mover):
         *,
         download: Download,
         upload: Upload,
-        ensure_dir: Callable[[], Any],
-        spill_file: Callable[[int], Path],
+        ensure_dir: Callable[[], SpillDir],
+        spill_dir: Callable[[], SpillDir | None],
         auto: AutoCodec,
         codec: str,
         zstd_level: int,
@@ -272,7 +272,7 @@ class Spill(_Mover):
         self._download = download
         self._upload = upload
         self._ensure_dir = ensure_dir
-        self._file = spill_file
+        self._dir = spill_dir
         self._auto = auto
         self._codec = codec
         self._level = zstd_level
@@ -314,14 +314,14 @@ class Spill(_Mover):
             host = data
         try:
             with self.lock:
-                path = self._ensure_dir().file(e.id)
+                folder = self._ensure_dir()
             start = perf_counter()
             if self._codec == "auto":
                 codec, parts, aux = self._auto.encode(host)
             else:
                 codec, parts, aux = encode_with(self._codec, host, self._level)
             encoded = perf_counter()
-            written = write_parts(path, codec, host, parts, aux)
+            written = folder.write(e.id, codec, host, parts, aux)
             seconds = perf_counter() - start
             self._auto.observe_disk(written, seconds - (encoded - start))
         except OSError as err:
@@ -354,7 +354,7 @@ class Spill(_Mover):
     def _read(self, e: Entry, dst: Tier) -> None:
         start = perf_counter()
         try:
-            host = read_record(self._file(e.id))
+            host = self._read_record(e)
         except SpillError as err:
             with self.lock:
                 self.failed(e, Tier.DISK, dst)
@@ -379,6 +379,12 @@ class Spill(_Mover):
         if self._moved is not None:
             self._moved(e)
 
+    def _read_record(self, e: Entry) -> torch.Tensor:
+        folder = self._dir()
+        if folder is None:
+            raise SpillMissingError(f"entry {e.id}: no spill folder holds its record")
+        return folder.read(e.id)
+
     def read_through(self, e: Entry) -> torch.Tensor:
         """Read a spilled entry that no tier above can hold (pinned by the caller, lock not held).
 
@@ -387,7 +393,7 @@ class Spill(_Mover):
         """
         start = perf_counter()
         try:
-            data = read_record(self._file(e.id))
+            data = self._read_record(e)
         except SpillError as err:
             with self.lock:
                 self._spill_lost(e, None, err)

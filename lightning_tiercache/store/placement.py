@@ -161,7 +161,7 @@ class TierStore:
         self._up = Upload(*args)
         self._disk = Spill(
             self._down, download=self._down, upload=self._up, ensure_dir=self._ensure_spill,
-            spill_file=self._spill_file, auto=AutoCodec(self.config.zstd_level), codec=self.config.codec,
+            spill_dir=lambda: self._spill, auto=AutoCodec(self.config.zstd_level), codec=self.config.codec,
             zstd_level=self.config.zstd_level, busy_s=self._busy_s, disk_failed=self._disk_failed,
             spill_lost=self._spill_lost, moved=self._spill_moved,
         )  # fmt: skip
@@ -549,6 +549,7 @@ class TierStore:
             out["wait_s"] = self._busy_s["wait"]
             out["backpressure_s"] = self._busy_s["backpressure"]
             out["memory_trims"] = self._trimmer.trims
+            out["spill_files_reused"] = self._spill.reused if self._spill is not None else 0
             out["device_budget_refreshes"] = self._device_budget.refreshes
             out["wait_p50_s"] = waits[len(waits) // 2] if waits else 0.0
             out["wait_p95_s"] = waits[min(len(waits) - 1, math.ceil(0.95 * len(waits)) - 1)] if waits else 0.0
@@ -776,7 +777,7 @@ class TierStore:
         """Give back what ``e`` holds in ``tier`` (lock held)."""
         self._used[tier] -= e.nbytes
         if tier is Tier.DISK and self._spill is not None:
-            self._spill.file(e.id).unlink(missing_ok=True)
+            self._spill.retire(e.id)  # Note: [recycled record files]
         elif tier is Tier.HOST:
             self._give_buf(e)
         elif self._ops.moves_bytes and not self._ops.done(e.event):
@@ -848,7 +849,7 @@ class TierStore:
             self._release(e, dst)
             return
         if src is Tier.DISK and self._spill is not None:
-            self._spill.file(e.id).unlink(missing_ok=True)
+            self._spill.retire(e.id)  # Note: [recycled record files]
         if src is Tier.HOST and buf is not e.buf:
             self._give_buf(e)
         self._used[src] -= e.nbytes
@@ -874,9 +875,6 @@ class TierStore:
             self._spill = SpillDir(self.config.spill_parent)
             self._event("spill", f"first spill to disk at {self._spill.path}")
         return self._spill
-
-    def _spill_file(self, entry_id: int) -> Path:
-        return self._spill.file(entry_id) if self._spill is not None else Path("/nonexistent")
 
     def _disk_failed(self, e: Entry, src: Tier, err: OSError) -> None:
         """A spill write failed (lock held): keep the entry in ``src`` and spill less from now on."""

@@ -276,7 +276,7 @@ def test_disk_full_keeps_the_entry_a_tier_up_and_warns_once(make_store, monkeypa
     def full(*args, **kwargs):
         raise disk_mod.DiskFullError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("lightning_tiercache.store.moves.write_parts", full)
+    monkeypatch.setattr(disk_mod, "write_parts", full)
     store = make_store(device_bytes=0, host_bytes="1MiB", disk_bytes="1GiB")
     values = [torch.randn(1024) for _ in range(3)]
     with pytest.warns(RuntimeWarning, match="could not spill") as record:
