@@ -6,7 +6,11 @@ torchtune's ``OffloadActivations`` (CUDA, when installed); ours to host (CUDA: o
 tier is the same RAM); ours to disk; ours to disk with checkpointed blocks (the block inputs are what is
 offloaded); ours to disk with every block compiled (``torch.compile`` per block). Ours gets a device budget of
 ``--budget-share`` of what a plain step saves for backward and offloads only what does not fit. Step time is
-the median per-round ratio to no offload. Memory is measured in a fresh subprocess per variant, under the C
+the median per-round ratio to no offload. On a CPU device each round runs every variant in a fresh process of
+its own instead (the same process that measures its memory), and the round's ratio is the variant's median
+step over the baseline's: in one process the variants share the C allocator's heap, so what one variant's
+``malloc_trim`` hands back is faulted in again by the variant that runs next, and the alternation would move
+ours' page faults onto the baseline's clock. Memory is measured in a fresh subprocess per variant, under the C
 library's default settings (no ``MALLOC_*`` variables): on CUDA ``max_memory_allocated`` over a step minus what
 was allocated before it; on CPU the bytes saved for backward that stay resident (the store's device-tier peak
 for ours, a counting hook for the others) and the growth of the process's peak RSS. RSS growth is counted
@@ -33,7 +37,7 @@ from typing import Any
 
 import torch
 
-from lightning_tiercache.bench.common import alternate, base_parser, emit, median
+from lightning_tiercache.bench.common import alternate, base_parser, emit, median, timed
 from lightning_tiercache.bench.gpt import GPT, GPTConfig, SavedBytes
 
 __all__ = ["main"]
@@ -70,6 +74,10 @@ def _parser() -> argparse.ArgumentParser:
         help="ours' device budget as a share of the bytes a plain step saves for backward",
     )  # fmt: skip
     p.add_argument("--compile-backend", default="aot_eager", help="torch.compile backend of ours_compile")
+    p.add_argument(
+        "--steps", type=int, default=3,
+        help="timed steps per variant process and round (CPU; after the steps that measure memory)",
+    )  # fmt: skip
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return p
 
@@ -236,10 +244,31 @@ def _child(args: argparse.Namespace) -> int:
     else:
         resident = max(counted)
     out.update(resident_bytes=resident, rss_before=rss_before, peak_rss=max(step_peaks))
+    if device.type != "cuda":  # the round's step times (see the module docstring), after the measured steps
+        with warnings.catch_warnings(record=True) as later:
+            warnings.simplefilter("always")
+            before = _offload_counts(v)
+            out["step_s"] = [timed(lambda: _step(v, x, y, amp)) for _ in range(args.steps)]
+            after = _offload_counts(v)
+            out["offload"] = {k: n if k == "lead" else n - before[k] for k, n in after.items()}
+        caught += later
     out["warnings"] = sorted({str(w.message)[:80] for w in caught if "tiercache" in str(w.message)})
     v.close()
     print(json.dumps(out))
     return 0
+
+
+def _offload_counts(v: _Variant) -> dict[str, float]:
+    """Ours' counters that the table reports per step (empty for the other variants)."""
+    if v.offloader is None:
+        return {}
+    if v.store is not None:
+        v.store.settle()
+    st, ss = v.offloader.stats(), v.store.stats()
+    return {
+        "steps": st["steps"], "moved": st["bytes_offloaded"] + ss["read_bytes"] + ss["bytes_to_device"],
+        "wait_s": st["unpack_wait_s"], "waits": st["unpack_waits"], "lead": st["lead_bytes"],
+    }  # fmt: skip
 
 
 def _proc_status(field: str) -> int | None:
@@ -300,12 +329,19 @@ def main(argv: list[str]) -> int:
     model, x, y, device, budget = _setup(args)
     amp = device.type == "cuda"
     names = _variant_names(args)
-    variants = {n: _Variant(n, model, args, device, budget) for n in names}
-    fns = {n: _bind(v, x, y, amp) for n, v in variants.items()}
-    repeats = args.repeats or (10 if args.full else 6)
-    times = alternate(fns, repeats, warmup=2)
     child_argv = [a for a in argv if a not in ("--json",)]
-    mem = {n: _memory(args, n, child_argv) for n in names}
+    if device.type == "cuda":
+        variants: dict[str, _Variant | None] = {n: _Variant(n, model, args, device, budget) for n in names}
+        fns = {n: _bind(v, x, y, amp) for n, v in variants.items() if v is not None}
+        repeats = args.repeats or (10 if args.full else 6)
+        times = alternate(fns, repeats, warmup=2)
+        mem = {n: _memory(args, n, child_argv) for n in names}
+    else:  # one process per variant and round (see the module docstring)
+        variants = dict.fromkeys(names)
+        repeats = args.repeats or 3
+        rounds = [{n: _memory(args, n, child_argv) for n in names} for _ in range(repeats)]
+        times = {n: [median(r[n].get("step_s", [])) for r in rounds] for n in names}
+        mem = {n: _median_memory([r[n] for r in rounds]) for n in names}
     rows = [_row(n, variants[n], times, mem[n], mem["none"]) for n in names]
     extra = {
         "model": {**SIZES[_size_name(args)], **({"seq_len": args.seq_len} if args.seq_len else {})},
@@ -317,13 +353,28 @@ def main(argv: list[str]) -> int:
         "wall_s": round(time.perf_counter() - started, 1),
     }
     for v in variants.values():
-        v.close()
+        if v is not None:
+            v.close()
     emit("activation offload", rows, args.json, extra)
     return 0
 
 
+def _median_memory(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One variant's processes over the rounds: the run of median steady RSS growth, its offload counts summed."""
+    good = [r for r in runs if "error" not in r]
+    if not good:
+        return runs[0]
+    good.sort(key=lambda r: r["peak_rss"] - r["rss_before"])
+    out = dict(good[(len(good) - 1) // 2])
+    counts = [r["offload"] for r in good if r.get("offload")]
+    if counts:
+        out["offload"] = {k: sum(c[k] for c in counts) for k in counts[0]}
+        out["offload"]["lead"] = median([c["lead"] for c in counts])
+    return out
+
+
 def _row(
-    name: str, v: _Variant, times: dict[str, list[float]], mem: dict[str, Any], base: dict[str, Any]
+    name: str, v: _Variant | None, times: dict[str, list[float]], mem: dict[str, Any], base: dict[str, Any]
 ) -> dict[str, Any]:
     ratios = [a / b for a, b in zip(times[name], times["none"], strict=True)]
     row: dict[str, Any] = dict.fromkeys(_COLUMNS)
@@ -346,12 +397,11 @@ def _row(
     row["first_growth_pct"] = round(100 * first / base_first, 1) if base_first > 0 else None
     if mem.get("warnings"):
         row["note"] = "; ".join(mem["warnings"])[:80]
-    if v.offloader is not None:
-        st, ss = v.offloader.stats(), v.store.stats()
-        steps = max(1, st["steps"])
-        moved = st["bytes_offloaded"] + ss["read_bytes"] + ss["bytes_to_device"]
-        row["moved_mib_step"] = round(moved / steps / MiB, 1)
-        row["wait_ms_step"] = round(1000 * st["unpack_wait_s"] / steps, 2)
-        row["waits_step"] = round(st["unpack_waits"] / steps, 1)
-        row["lead_mib"] = round(st["lead_bytes"] / MiB, 1)
+    counts = _offload_counts(v) if v is not None else mem.get("offload") or {}
+    if counts:
+        steps = max(1, int(counts["steps"]))
+        row["moved_mib_step"] = round(counts["moved"] / steps / MiB, 1)
+        row["wait_ms_step"] = round(1000 * counts["wait_s"] / steps, 2)
+        row["waits_step"] = round(counts["waits"] / steps, 1)
+        row["lead_mib"] = round(counts["lead"] / MiB, 1)
     return row

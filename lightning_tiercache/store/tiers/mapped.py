@@ -20,10 +20,11 @@ Note: [reads from the page cache]
     reaches the file). ``MAP_POPULATE`` is not used: on a private writable mapping it write-faults every
     page, which is the copy again. The checksum pass that follows touches every page, so the pages are
     mapped before the tensor is handed out. The mapping keeps the file's bytes alive after the store
-    unlinks it, and leaves the process with the last view, like :func:`fresh_bytes`. A record is never
-    changed in place (writes go to a temporary file that is renamed over it); a record truncated by another
-    process while mapped would raise ``SIGBUS`` instead of a typed error, which only this user can cause in
-    the private spill folder (0700), and the store unlinks a record as soon as its read landed.
+    unlinks or renames it, and leaves the process with the last view, like :func:`fresh_bytes`. The store
+    overwrites a record file only once no tensor maps its old record (Note: [recycled record files] in
+    :mod:`lightning_tiercache.store.tiers.disk`). A record file truncated by another process while mapped
+    would raise ``SIGBUS`` instead of a typed error; only this user can do that, in the private (0700) spill
+    folder.
 """
 
 from __future__ import annotations
