@@ -17,7 +17,7 @@ from __future__ import annotations
 import struct
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from time import perf_counter
 from typing import Any
@@ -37,6 +37,7 @@ __all__ = [
     "decode_payload",
     "dtype_code",
     "encode",
+    "fill",
     "pack_header",
     "parse_header",
 ]
@@ -225,17 +226,23 @@ def decode_payload(rec: Record, payload: memoryview, where: str) -> torch.Tensor
     return raw.view(rec.dtype).view(rec.shape)
 
 
+def fill(readinto: Callable[[memoryview], int | None], view: memoryview) -> int:
+    """Call ``readinto`` until ``view`` is full or it reads nothing; returns the bytes read."""
+    got = 0
+    while got < len(view):
+        n = readinto(view[got:])
+        if not n:
+            break
+        got += n
+    return got
+
+
 def _decompress_into(payload: memoryview, nbytes: int) -> torch.Tensor:
     """Decompress a zstd frame of ``nbytes`` straight into a new tensor (no intermediate bytes object)."""
     out = fresh_bytes(nbytes)
     view = byte_view(out)
     reader = _decompressor().stream_reader(payload)
-    got = 0
-    while got < nbytes:
-        n = reader.readinto(view[got:])
-        if not n:
-            break
-        got += n
+    got = fill(reader.readinto, view)
     if got != nbytes or reader.read(1):
         raise ValueError(f"frame holds {'more' if got == nbytes else got} bytes, expected {nbytes}")
     return out

@@ -60,23 +60,26 @@ def test_a_large_record_reads_back_as_a_view_of_its_file(tmp_path):
     assert _inode_mapped_at(disk_mod.read_record(small).data_ptr()) in (0, None)  # small: read into memory
 
 
-@needs_maps
-def test_writing_to_a_tensor_read_back_leaves_its_record_alone(tmp_path):
+@pytest.fixture
+def read_back(tmp_path):
+    """A 2 MiB record written and read back: (the source, the record's path, the tensor read)."""
     src = torch.randn(MAPPED_MIN_BYTES // 2)
     path = tmp_path / "r.ltc"
     disk_mod.write_record(path, src, "none")
-    got = disk_mod.read_record(path)
+    return src, path, disk_mod.read_record(path)
+
+
+@needs_maps
+def test_writing_to_a_tensor_read_back_leaves_its_record_alone(read_back):
+    src, path, got = read_back
     got.mul_(2)  # a private mapping: the pages written are copies
     assert torch.equal(got, src * 2)
     assert torch.equal(disk_mod.read_record(path), src)
 
 
 @needs_maps
-def test_a_record_read_back_outlives_its_file(tmp_path):
-    src = torch.randn(MAPPED_MIN_BYTES // 2)
-    path = tmp_path / "r.ltc"
-    disk_mod.write_record(path, src, "none")
-    got = disk_mod.read_record(path)
+def test_a_record_read_back_outlives_its_file(read_back):
+    src, path, got = read_back
     path.unlink()
     gc.collect()
     assert torch.equal(got, src)

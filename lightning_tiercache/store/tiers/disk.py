@@ -180,12 +180,7 @@ def _read_open(f: io.FileIO, where: str, mapped: Callable[[mmap.mmap], None] | N
         # torch.empty does not zero-fill (bytearray does): one pass over fresh memory, not two.
         buf = fresh_bytes(size)
         view = _codec.byte_view(buf)
-        got = 0
-        while got < size:
-            n = f.readinto(view[got:])
-            if not n:
-                break
-            got += n
+        got = _codec.fill(f.readinto, view)
     if got != size:
         raise SpillCorruptError(f"{where}: short read ({got} of {size} bytes)")
     rec = _codec.parse_header(view, where)
