@@ -122,6 +122,9 @@ def write_parts(
                 fd = os.open(tmp, os.O_WRONLY | getattr(os, "O_BINARY", 0))
             except FileNotFoundError:  # removed meanwhile: write a new file
                 fd = -1
+            except OSError:
+                tmp.unlink(missing_ok=True)
+                raise
         if fd < 0:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
         try:
