@@ -199,4 +199,6 @@ def test_activations_runs_every_cpu_variant_and_reports_a_ratio_and_rss_figures(
         assert len(row["step_growth_mib"].split("/")) == 2, row
         if name.startswith("ours"):
             assert row["moved_mib_step"] is not None and row["wait_ms_step"] is not None, row
+        # the timed steps' page faults and kernel time, measured in the variant's own process
+        assert row["faults_k_step"] >= 0 and row["sys_s_step"] >= 0, row
     assert rows["ours_disk"]["moved_mib_step"] > 0  # the budget is a share of the saved bytes: some must move
