@@ -18,7 +18,7 @@ twice, each from the RSS after handing the allocator's free pages back: over the
 (``first_growth``: ours runs it unplanned) and over the two steps after it (``rss_growth``, the steady state
 a training run lives in; ``step_growth`` gives each of the two steps' own peak). On CPU each variant also
 reports the process's minor page faults and kernel CPU seconds per timed step (``faults_k_step``,
-``sys_s_step``): handing freed memory back to the OS and taking it again shows there, not in the copies.
+``sys_s_step``), where handing freed memory back to the OS and taking it again shows.
 """
 
 from __future__ import annotations
